@@ -1,0 +1,149 @@
+"""Timing benchmark: ``python -m tendiff.bench``.
+
+Prints, in one run on this machine: the parameter count and the median time of one U-Net
+forward at each batch size for dense and for every TT rank and execution mode, with the ratio
+to dense; the same for a few representative single layers; and whole purifications (same t*,
+same steps). Weights are freshly initialised: timings do not depend on their values.
+Ratios are dense time / model time, so > 1 means faster than dense.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+from .diffusion import GaussianDiffusion, purify_batch
+from .tt import TTConv2d, set_mode
+from .unet import UNet, preset
+
+MODES = ("rebuild", "chain", "cached", "auto")
+
+
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def model_variants(dataset: str, ranks, layouts=("tt",)):
+    """(label, mode, model) for dense and each layout x rank x mode."""
+    yield "dense", "-", UNet(preset(dataset)).eval()
+    for layout in layouts:
+        for r in ranks:
+            model = UNet(preset(dataset, layout, r)).eval()
+            for mode in MODES:
+                yield f"{layout}-r{r}", mode, set_mode(model, mode)
+
+
+def bench_forward(dataset: str, batch_sizes, ranks, layouts, repeats: int) -> list[dict]:
+    cfg = preset(dataset)
+    rows, dense_ms = [], {}
+    for label, mode, model in model_variants(dataset, ranks, layouts):
+        row = {"model": label, "mode": mode, "params": model.num_parameters()}
+        for b in batch_sizes:
+            x = torch.randn(b, cfg.in_channels, cfg.image_size, cfg.image_size)
+            t = torch.full((b,), 100)
+            with torch.inference_mode():
+                ms = median_ms(lambda: model(x, t), repeats if b == 1 else max(3, repeats // 4))
+            if label == "dense":
+                dense_ms[b] = ms
+            row[f"b{b}_ms"] = ms
+            row[f"b{b}_x"] = dense_ms[b] / ms
+        rows.append(row)
+    return rows
+
+
+def bench_layers(batch_sizes, ranks, repeats: int) -> list[dict]:
+    """Single 3x3 convs at the widths and sizes of the MNIST U-Net."""
+    rows = []
+    for c, size in ((32, 28), (64, 14), (128, 16)):
+        dense = torch.nn.Conv2d(c, c, 3, 1, 1)
+        for b in batch_sizes:
+            x = torch.randn(b, c, size, size)
+            with torch.inference_mode():
+                d_ms = median_ms(lambda: dense(x), repeats)
+                rows.append({"layer": f"{c}->{c} @{size}x{size}", "model": "dense", "mode": "-", "batch": b,
+                             "ms": d_ms, "x": 1.0})
+                for r in ranks:
+                    layer = TTConv2d.from_conv(dense, r, "tt")
+                    for mode in ("chain", "cached"):
+                        layer.mode = mode
+                        ms = median_ms(lambda: layer(x), repeats)
+                        rows.append({"layer": f"{c}->{c} @{size}x{size}", "model": f"tt-r{r}", "mode": mode,
+                                     "batch": b, "ms": ms, "x": d_ms / ms})
+    return rows
+
+
+def bench_purify(dataset: str, batch_sizes, ranks, t_star: int, steps: int, repeats: int) -> list[dict]:
+    cfg = preset(dataset)
+    diffusion = GaussianDiffusion()
+    rows, dense_ms = [], {}
+    models = [("dense", UNet(cfg).eval())] + [(f"tt-r{r}", UNet(preset(dataset, "tt", r)).eval()) for r in ranks]
+    for label, model in models:
+        row = {"model": label, "mode": "auto"}
+        for b in batch_sizes:
+            x = torch.rand(b, cfg.in_channels, cfg.image_size, cfg.image_size)
+            ms = median_ms(lambda: purify_batch(model, diffusion, x, t_star, num_steps=steps), max(3, repeats // 4), 1)
+            if label == "dense":
+                dense_ms[b] = ms
+            row[f"b{b}_ms"], row[f"b{b}_x"] = ms, dense_ms[b] / ms
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m tendiff.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist", "cifar10"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3, 4])
+    p.add_argument("--layouts", nargs="+", default=["tt", "authors"])
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--t-star", type=int, default=100)
+    p.add_argument("--steps", type=int, default=10, help="reverse steps for the purification timing")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip", nargs="*", default=[], choices=["forward", "layers", "purify"])
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"# tendiff.bench on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, dataset {args.dataset}")
+    bs = args.batch_sizes
+    cols = [c for b in bs for c in (f"b{b}_ms", f"b{b}_x")]
+    if "forward" not in args.skip:
+        print("\n## U-Net forward (median ms; x = speed-up over dense)\n")
+        rows = bench_forward(args.dataset, bs, args.ranks, args.layouts, args.repeats)
+        print(format_table(rows, ["model", "mode", "params"] + cols))
+    if "layers" not in args.skip:
+        print("\n## Single 3x3 conv layers (median ms)\n")
+        print(format_table(bench_layers(bs, args.ranks, args.repeats), ["layer", "model", "mode", "batch", "ms", "x"]))
+    if "purify" not in args.skip:
+        print(f"\n## Whole purification, t*={args.t_star}, {args.steps} DDIM steps (median ms)\n")
+        print(format_table(bench_purify(args.dataset, bs, args.ranks, args.t_star, args.steps, args.repeats),
+                           ["model", "mode"] + cols))
+    print(f"\npeak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

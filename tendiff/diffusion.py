@@ -1,0 +1,207 @@
+"""Gaussian diffusion (Ho et al. 2020, "DDPM"; Song et al. 2021, "DDIM") and purification.
+
+Conventions. The model works on x in [-1, 1]; callers hand :func:`purify` images in [0, 1].
+Timesteps run t = 0..T with alpha_bar_0 = 1 (t = 0 is the clean image) and
+alpha_bar_t = prod_{s<=t} (1 - beta_s). The network is trained on t in 1..T.
+
+Purification (DiffPure, Nie et al. 2022): diffuse the input to t* with q(x_t* | x_0), then run
+the reverse process back to t = 0. :func:`purify` is a generator that yields every step (the
+seam a streaming UI needs) and ends with the purified batch; one-step purification (the
+model's prediction of x_0 at t*) is the same call with one step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+
+METHODS = ("ddpm", "ddim", "one-step")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StepOutput:
+    prev_sample: torch.Tensor  # x_s, s < t
+    pred_x0: torch.Tensor  # the model's estimate of the clean image, clipped to [-1, 1]
+
+
+@dataclass
+class PurifyStep:
+    """One frame of purification. Images are in [0, 1] pixel units (x_t may leave [0, 1])."""
+
+    index: int  # 0 is the diffused input at t*, num_steps is the purified result (t = 0)
+    num_steps: int
+    t: int
+    x_t: torch.Tensor
+    pred_x0: torch.Tensor
+
+    @property
+    def final(self) -> bool:
+        return self.index == self.num_steps
+
+
+class GaussianDiffusion:
+    def __init__(self, config: ScheduleConfig = ScheduleConfig()):
+        self.config = config
+        T = config.num_timesteps
+        # Linear schedule of Ho et al. 2020 (Sec. 4), computed in float64 for exactness.
+        betas = torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float64)
+        self.betas = torch.cat([torch.zeros(1, dtype=torch.float64), betas])  # betas[0] unused
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # alphas_cumprod[0] = 1
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.config.num_timesteps
+
+    def _abar(self, t, like: torch.Tensor) -> torch.Tensor:
+        """alpha_bar_t as a tensor broadcastable against ``like`` (t: int or (B,) tensor)."""
+        a = self.alphas_cumprod[torch.as_tensor(t, dtype=torch.long)]
+        return a.to(like.dtype).to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
+
+    def check_t(self, t: int) -> int:
+        t = int(t)
+        if not 0 <= t <= self.num_timesteps:
+            raise ValueError(f"t must be in 0..{self.num_timesteps}, got {t}")
+        return t
+
+    # ------------------------------------------------------------- forward
+    def q_sample(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps  (Ho et al. 2020, Eq. 4)."""
+        a = self._abar(t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    add_noise = q_sample  # the diffusers name
+
+    def predict_x0(self, x_t: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
+        """Invert Eq. 4 for x_0 given a noise estimate (Ho et al. 2020, Eq. 15)."""
+        a = self._abar(t, x_t)
+        return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def noise_std(self, t: int) -> float:
+        """The std of Gaussian noise, in [0, 1] pixel units, that diffusing to t amounts to.
+
+        x_t / sqrt(abar_t) = x_0 + sqrt((1 - abar_t) / abar_t) eps in [-1, 1] model units, and a
+        [0, 1] pixel is half a model unit.
+        """
+        a = float(self.alphas_cumprod[self.check_t(t)])
+        return 0.5 * math.sqrt((1 - a) / a)
+
+    def t_for_noise_std(self, std: float) -> int:
+        """The timestep whose :meth:`noise_std` is closest to std (pixel units)."""
+        if not std >= 0:
+            raise ValueError(f"noise std must be >= 0, got {std}")
+        a = self.alphas_cumprod
+        stds = 0.5 * ((1 - a) / a).sqrt()
+        return int((stds - std).abs().argmin())
+
+    # ------------------------------------------------------------- reverse
+    def timesteps(self, t_start: int, num_steps: int) -> list[int]:
+        """Evenly spaced, strictly decreasing timesteps t_start = t_0 > ... > t_n = 0."""
+        t_start = self.check_t(t_start)
+        if t_start < 1:
+            raise ValueError("t* must be >= 1 to purify")
+        if not 1 <= num_steps <= t_start:
+            raise ValueError(f"number of steps must be in 1..t* = {t_start}, got {num_steps}")
+        ts = torch.linspace(t_start, 0, num_steps + 1, dtype=torch.float64).round().long().tolist()
+        return ts
+
+    def step(self, eps: torch.Tensor, t: int, s: int, x_t: torch.Tensor, method: str = "ddim",
+             eta: float = 0.0, generator: torch.Generator | None = None) -> StepOutput:
+        """One reverse step from t to s < t, given the model's noise estimate at (x_t, t).
+
+        ``ddpm``: ancestral sample from the posterior q(x_s | x_t, x_0 = pred_x0) of the process
+        respaced to the visited timesteps (Ho et al. 2020, Eqs. 6-7, with beta replaced by
+        1 - abar_t / abar_s as in Nichol & Dhariwal 2021, Sec. 4).
+        ``ddim``: Song et al. 2021, Eq. 12, with sigma from Eq. 16 scaled by eta (0: deterministic).
+        """
+        if method == "one-step":
+            method = "ddim"
+        if method not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        a_t, a_s = self._abar(t, x_t), self._abar(s, x_t)
+        pred_x0 = self.predict_x0(x_t, t, eps).clamp(-1, 1)
+        if s == 0:
+            return StepOutput(pred_x0, pred_x0)
+        if method == "ddpm":
+            beta = 1 - a_t / a_s
+            mean = (a_s.sqrt() * beta / (1 - a_t)) * pred_x0 + ((1 - beta).sqrt() * (1 - a_s) / (1 - a_t)) * x_t
+            var = beta * (1 - a_s) / (1 - a_t)
+            noise = _randn_like(x_t, generator)
+            return StepOutput(mean + var.sqrt() * noise, pred_x0)
+        # Re-derive eps from the clipped x_0 so the two stay consistent.
+        eps = (x_t - a_t.sqrt() * pred_x0) / (1 - a_t).sqrt()
+        sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).sqrt()
+        x_s = a_s.sqrt() * pred_x0 + (1 - a_s - sigma ** 2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            x_s = x_s + sigma * _randn_like(x_t, generator)
+        return StepOutput(x_s, pred_x0)
+
+    def predict_eps(self, model, x_t: torch.Tensor, t: int, label: torch.Tensor | None = None,
+                    guidance_scale: float = 0.0) -> torch.Tensor:
+        """The model's noise estimate; with a label, classifier-free guidance
+        eps = (1 + w) eps(x, y) - w eps(x, null)  (Ho & Salimans 2022, Eq. 6)."""
+        tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+        if label is None:
+            return model(x_t, tt)
+        if not getattr(model, "label_embed", None):
+            raise ValueError("guidance needs a class-conditional model (num_classes > 0)")
+        null = torch.full_like(label, model.null_label)
+        both = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([label, null]))
+        cond, uncond = both.chunk(2)
+        return (1 + guidance_scale) * cond - guidance_scale * uncond
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    # Draw on the generator's device (CPU by default) so a seed means the same noise everywhere.
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+
+
+def purify(model, diffusion: GaussianDiffusion, images: torch.Tensor, t_star: int, num_steps: int = 10,
+           method: str = "ddim", seed: int = 0, label: torch.Tensor | None = None,
+           guidance_scale: float = 0.0, eta: float = 0.0, grad: bool = False) -> Iterator[PurifyStep]:
+    """Diffuse ``images`` (B, C, H, W in [0, 1]) to ``t_star`` and denoise back, yielding each step.
+
+    Yields ``num_steps + 1`` :class:`PurifyStep` frames: the diffused input (index 0) and the
+    state after each reverse step; the last one's ``x_t`` is the purified batch in [0, 1].
+    ``method="one-step"`` returns the model's x_0 prediction at t* (one network call).
+    ``label`` with ``guidance_scale`` > 0 applies classifier-free guidance towards that label,
+    which leaks it when it is the true label (the authors' setting; never a fair defense).
+    ``grad=True`` keeps the graph, for attacks that differentiate through purification.
+    ``seed`` fixes both the forward noise and any ancestral noise.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if method == "one-step":
+        num_steps = 1
+    ts = diffusion.timesteps(t_star, num_steps)
+    generator = torch.Generator().manual_seed(int(seed))
+    with torch.inference_mode(not grad):
+        x0 = images * 2 - 1
+        x_t = diffusion.q_sample(x0, ts[0], _randn_like(x0, generator))
+    for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
+        with torch.inference_mode(not grad):
+            eps = diffusion.predict_eps(model, x_t, t, label, guidance_scale)
+            out = diffusion.step(eps, t, s, x_t, method, eta, generator)
+        yield PurifyStep(i, num_steps, t, (x_t + 1) / 2, (out.pred_x0 + 1) / 2)
+        x_t = out.prev_sample
+    yield PurifyStep(num_steps, num_steps, 0, (x_t + 1) / 2, (x_t + 1) / 2)
+
+
+def purify_batch(model, diffusion: GaussianDiffusion, images: torch.Tensor, t_star: int, **kwargs) -> torch.Tensor:
+    """Run :func:`purify` to the end and return the purified batch in [0, 1]."""
+    last = None
+    for last in purify(model, diffusion, images, t_star, **kwargs):
+        pass
+    return last.x_t

@@ -1,0 +1,344 @@
+"""Tensor-train (TT) convolutions.
+
+A 2-D convolution kernel W has four modes: output channels O, input channels I and the
+two spatial modes kh, kw. Two TT layouts are provided:
+
+``tt`` (the layout behind the paper's O(N R^2) claim): one core per mode,
+
+    W[o, i, a, b] = sum_{r1, r2, r3} U_in[i, r1] G_h[r1, a, r2] G_w[r2, b, r3] U_out[r3, o]
+
+with cores (I, R1), (R1, kh, R2), (R2, kw, R3), (R3, O): I*R1 + kh*R1*R2 + kw*R2*R3 + R3*O
+parameters, linear in the channel count. Because each core touches one mode, the layer can
+run as a chain of four small convolutions, 1x1 (I->R1), kh x 1 (R1->R2), 1 x kw (R2->R3),
+1x1 (R3->O), which is where the real FLOP saving comes from.
+
+``authors`` (the layout of the TendiffPure authors' public code):
+
+    W[o, i, a, b] = sum_{r0, r1} A[o, i, r0] B[r0, a, r1] C[r1, b]
+
+with cores (O, I, r0), (r0, kh, r1), (r1, kw): O*I*r0 + ... parameters, still quadratic in
+the channel count. Its chain is a 1x1 conv to O*r0 channels followed by two grouped
+convolutions (groups = O), which is not cheaper than the dense kernel.
+
+Three execution modes compute the same function:
+``rebuild`` rebuilds the dense kernel on every call (what the authors' code does);
+``chain`` runs the cores as convolutions; ``cached`` rebuilds once and reuses the kernel
+until a core changes (detected through the parameters' in-place version counters), and
+falls back to ``rebuild`` whenever gradients are needed. ``auto`` picks, per call, the
+chain or the cached kernel by their multiply-accumulate counts at that input size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYOUTS = ("tt", "authors")
+MODES = ("rebuild", "chain", "cached", "auto")
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+def normalize_ranks(rank, layout: str) -> tuple[int, ...]:
+    """Bond ranks for a layout: 3 for ``tt`` (R1, R2, R3), 2 for ``authors`` (r0, r1).
+
+    An int R means the same rank on every bond.
+    """
+    n = 3 if layout == "tt" else 2
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown TT layout {layout!r}; expected one of {LAYOUTS}")
+    ranks = (int(rank),) * n if isinstance(rank, int) else tuple(int(r) for r in rank)
+    if len(ranks) != n:
+        raise ValueError(f"layout {layout!r} takes {n} bond ranks, got {ranks}")
+    if any(r < 1 for r in ranks):
+        raise ValueError(f"TT ranks must be >= 1, got {ranks}")
+    return ranks
+
+
+def full_ranks(in_channels: int, out_channels: int, kernel_size, layout: str) -> tuple[int, ...]:
+    """The smallest bond ranks at which a TT can represent *any* kernel exactly."""
+    kh, kw = _pair(kernel_size)
+    if layout == "tt":
+        # Unfoldings of the (I, kh, kw, O) tensor: I | kh kw O, I kh | kw O, I kh kw | O.
+        return (
+            min(in_channels, kh * kw * out_channels),
+            min(in_channels * kh, kw * out_channels),
+            min(in_channels * kh * kw, out_channels),
+        )
+    # Unfoldings of the (O I, kh, kw) tensor: O I | kh kw, O I kh | kw.
+    r0 = min(out_channels * in_channels, kh * kw)
+    return (r0, min(r0 * kh, kw))
+
+
+def tt_param_count(in_channels: int, out_channels: int, kernel_size, rank, layout: str = "tt",
+                   bias: bool = True) -> int:
+    """Exact number of parameters of a :class:`TTConv2d` (cores plus bias)."""
+    kh, kw = _pair(kernel_size)
+    ranks = normalize_ranks(rank, layout)
+    if layout == "tt":
+        r1, r2, r3 = ranks
+        n = in_channels * r1 + r1 * kh * r2 + r2 * kw * r3 + r3 * out_channels
+    else:
+        r0, r1 = ranks
+        n = out_channels * in_channels * r0 + r0 * kh * r1 + r1 * kw
+    return n + (out_channels if bias else 0)
+
+
+def dense_param_count(in_channels: int, out_channels: int, kernel_size, bias: bool = True) -> int:
+    kh, kw = _pair(kernel_size)
+    return out_channels * in_channels * kh * kw + (out_channels if bias else 0)
+
+
+def _conv_out_size(size: int, k: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - k) // stride + 1
+
+
+class TTConv2d(nn.Module):
+    """Drop-in replacement for ``nn.Conv2d`` (groups=1, dilation=1) with a TT kernel."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 bias: bool = True, rank=2, layout: str = "tt", mode: str = "auto"):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown execution mode {mode!r}; expected one of {MODES}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.layout = layout
+        self.ranks = normalize_ranks(rank, layout)
+        self.mode = mode
+        kh, kw = self.kernel_size
+        if layout == "tt":
+            r1, r2, r3 = self.ranks
+            shapes = [(in_channels, r1), (r1, kh, r2), (r2, kw, r3), (r3, out_channels)]
+        else:
+            r0, r1 = self.ranks
+            shapes = [(out_channels, in_channels, r0), (r0, kh, r1), (r1, kw)]
+        self.cores = nn.ParameterList([nn.Parameter(torch.empty(s)) for s in shapes])
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        """Initialise so the rebuilt kernel has the variance of PyTorch's default conv init.
+
+        ``nn.Conv2d`` draws W ~ U(-b, b) with b = 1/sqrt(fan_in), i.e. Var(W) = 1/(3 fan_in).
+        The rebuilt kernel is a sum over prod(ranks) products of core entries, so each core
+        gets std s with s^(2 n_cores) * prod(ranks) = Var(W).
+        """
+        kh, kw = self.kernel_size
+        fan_in = self.in_channels * kh * kw
+        target_var = 1.0 / (3.0 * fan_in)
+        n_cores = len(self.cores)
+        core_std = (target_var / math.prod(self.ranks)) ** (1.0 / (2 * n_cores))
+        with torch.no_grad():
+            for core in self.cores:
+                core.normal_(0.0, core_std)
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(fan_in)
+                self.bias.uniform_(-bound, bound)
+        self._cache = None
+
+    # ---------------------------------------------------------------- kernel
+    def full_kernel(self) -> torch.Tensor:
+        """The dense (O, I, kh, kw) kernel these cores represent."""
+        if self.layout == "tt":
+            u_in, g_h, g_w, u_out = self.cores
+            return torch.einsum("ip,paq,qbr,ro->oiab", u_in, g_h, g_w, u_out)
+        a, b, c = self.cores
+        return torch.einsum("oip,paq,qb->oiab", a, b, c)
+
+    def _cache_key(self) -> tuple:
+        return tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in self.cores)
+
+    def cached_kernel(self) -> torch.Tensor:
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self.full_kernel())
+        return self._cache[1]
+
+    # --------------------------------------------------------------- forward
+    def _forward_dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+    def _forward_chain(self, x: torch.Tensor) -> torch.Tensor:
+        kh, kw = self.kernel_size
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        if self.layout == "tt":
+            u_in, g_h, g_w, u_out = self.cores
+            r1, r2, r3 = self.ranks
+            x = F.conv2d(x, u_in.t().reshape(r1, self.in_channels, 1, 1))
+            x = F.conv2d(x, g_h.permute(2, 0, 1).reshape(r2, r1, kh, 1), stride=(sh, 1), padding=(ph, 0))
+            x = F.conv2d(x, g_w.permute(2, 0, 1).reshape(r3, r2, 1, kw), stride=(1, sw), padding=(0, pw))
+            return F.conv2d(x, u_out.t().reshape(self.out_channels, r3, 1, 1), self.bias)
+        a, b, c = self.cores
+        r0, r1 = self.ranks
+        o = self.out_channels
+        # 1x1 conv to O*r0 channels, then per-output-channel (grouped) kh x 1 and 1 x kw convs.
+        x = F.conv2d(x, a.permute(0, 2, 1).reshape(o * r0, self.in_channels, 1, 1))
+        wb = b.permute(2, 0, 1).reshape(1, r1, r0, kh, 1).expand(o, -1, -1, -1, -1)
+        x = F.conv2d(x, wb.reshape(o * r1, r0, kh, 1), stride=(sh, 1), padding=(ph, 0), groups=o)
+        wc = c.reshape(1, 1, r1, 1, kw).expand(o, -1, -1, -1, -1)
+        return F.conv2d(x, wc.reshape(o, r1, 1, kw), self.bias, stride=(1, sw), padding=(0, pw), groups=o)
+
+    def macs(self, height: int, width: int, path: str) -> int:
+        """Multiply-accumulates per image for an input of size height x width."""
+        kh, kw = self.kernel_size
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        ho, wo = _conv_out_size(height, kh, sh, ph), _conv_out_size(width, kw, sw, pw)
+        if path == "dense":
+            return ho * wo * self.out_channels * self.in_channels * kh * kw
+        if self.layout == "tt":
+            r1, r2, r3 = self.ranks
+            return (height * width * self.in_channels * r1 + ho * width * r1 * r2 * kh
+                    + ho * wo * r2 * r3 * kw + ho * wo * r3 * self.out_channels)
+        r0, r1 = self.ranks
+        o = self.out_channels
+        return (height * width * self.in_channels * o * r0 + ho * width * o * r0 * r1 * kh
+                + ho * wo * o * r1 * kw)
+
+    def resolve_mode(self, x: torch.Tensor) -> str:
+        """The concrete path (``rebuild``, ``chain`` or ``cached``) a call on x will take."""
+        mode = self.mode
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.cores)
+        if mode == "auto":
+            h, w = x.shape[-2:]
+            # The chain launches four convolutions instead of one; only worth it when it
+            # saves most of the arithmetic (measured in tendiff.bench).
+            mode = "chain" if self.macs(h, w, "chain") * 3 < self.macs(h, w, "dense") else "cached"
+        if mode == "cached" and needs_grad:
+            mode = "rebuild"
+        return mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.resolve_mode(x)
+        if mode == "chain":
+            return self._forward_chain(x)
+        if mode == "cached":
+            return self._forward_dense(x, self.cached_kernel())
+        return self._forward_dense(x, self.full_kernel())
+
+    # ------------------------------------------------------------ conversion
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank="full", layout: str = "tt", mode: str = "auto") -> "TTConv2d":
+        """TT-SVD of a trained ``nn.Conv2d``: sequential truncated SVDs of the unfoldings.
+
+        ``rank="full"`` keeps every singular value, so the TT reproduces the kernel exactly.
+        """
+        if conv.groups != 1 or _pair(conv.dilation) != (1, 1):
+            raise ValueError("only convolutions with groups=1 and dilation=1 can be tensorized")
+        if isinstance(conv.padding, str):
+            raise ValueError("string padding is not supported; use integer padding")
+        o, i, kh, kw = conv.weight.shape
+        if rank == "full":
+            rank = full_ranks(i, o, (kh, kw), layout)
+        layer = cls(i, o, (kh, kw), conv.stride, conv.padding, conv.bias is not None, rank, layout, mode)
+        layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        weight = conv.weight.detach().double()
+        cores = tt_svd(weight, layer.ranks, layout)
+        with torch.no_grad():
+            for core, value in zip(layer.cores, cores):
+                core.copy_(value.to(core.dtype))
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias.detach())
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
+                f"layout={self.layout!r}, ranks={self.ranks}, mode={self.mode!r}")
+
+
+def _truncated_split(mat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mat ~= left @ right with inner size ``rank``; singular values split evenly (sqrt)
+    between the two factors so neither core is much larger than the other."""
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    rank = min(rank, s.numel())
+    root = s[:rank].sqrt()
+    left = u[:, :rank] * root
+    right = root[:, None] * vh[:rank]
+    return left, right
+
+
+def _pad_rank(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Zero-pad a core along a bond dimension when the SVD had fewer singular values."""
+    if t.shape[dim] >= size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def tt_svd(weight: torch.Tensor, ranks: Sequence[int], layout: str = "tt") -> list[torch.Tensor]:
+    """TT-SVD (Oseledets 2011, Alg. 1) of an (O, I, kh, kw) kernel into the layout's cores."""
+    o, i, kh, kw = weight.shape
+    ranks = normalize_ranks(tuple(ranks), layout)
+    if layout == "tt":
+        r1, r2, r3 = ranks
+        t = weight.permute(1, 2, 3, 0)  # (I, kh, kw, O)
+        u_in, rest = _truncated_split(t.reshape(i, kh * kw * o), r1)
+        k1 = u_in.shape[1]
+        g_h, rest = _truncated_split(rest.reshape(k1 * kh, kw * o), r2)
+        k2 = g_h.shape[1]
+        g_w, u_out = _truncated_split(rest.reshape(k2 * kw, o), r3)
+        k3 = g_w.shape[1]
+        cores = [u_in, g_h.reshape(k1, kh, k2), g_w.reshape(k2, kw, k3), u_out]
+        cores[0] = _pad_rank(cores[0], 1, r1)
+        cores[1] = _pad_rank(_pad_rank(cores[1], 0, r1), 2, r2)
+        cores[2] = _pad_rank(_pad_rank(cores[2], 0, r2), 2, r3)
+        cores[3] = _pad_rank(cores[3], 0, r3)
+        return cores
+    r0, r1 = ranks
+    a, rest = _truncated_split(weight.reshape(o * i, kh * kw), r0)
+    k0 = a.shape[1]
+    b, c = _truncated_split(rest.reshape(k0 * kh, kw), r1)
+    k1 = b.shape[1]
+    cores = [a.reshape(o, i, k0), b.reshape(k0, kh, k1), c]
+    cores[0] = _pad_rank(cores[0], 2, r0)
+    cores[1] = _pad_rank(_pad_rank(cores[1], 0, r0), 2, r1)
+    cores[2] = _pad_rank(cores[2], 0, r1)
+    return cores
+
+
+def is_tensorizable(conv: nn.Module, min_channels: int = 8) -> bool:
+    """Convs worth a TT: spatial kernels (k > 1), groups=1, dilation=1, and at least
+    ``min_channels`` channels on both sides (a 1->32 stem gains nothing from a TT)."""
+    return (isinstance(conv, nn.Conv2d) and conv.groups == 1 and _pair(conv.dilation) == (1, 1)
+            and max(conv.kernel_size) > 1 and not isinstance(conv.padding, str)
+            and min(conv.in_channels, conv.out_channels) >= min_channels)
+
+
+def tensorize(model: nn.Module, rank="full", layout: str = "tt", mode: str = "auto",
+              min_channels: int = 8) -> nn.Module:
+    """Replace, in place, every tensorizable ``nn.Conv2d`` of model by its TT-SVD."""
+    for name, child in list(model.named_children()):
+        if is_tensorizable(child, min_channels):
+            setattr(model, name, TTConv2d.from_conv(child, rank, layout, mode))
+        else:
+            tensorize(child, rank, layout, mode, min_channels)
+    return model
+
+
+def tt_layers(model: nn.Module) -> Iterable[tuple[str, TTConv2d]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, TTConv2d))
+
+
+def set_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Switch the execution mode of every TT layer in model."""
+    if mode not in MODES:
+        raise ValueError(f"unknown execution mode {mode!r}; expected one of {MODES}")
+    for _, layer in tt_layers(model):
+        layer.mode = mode
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

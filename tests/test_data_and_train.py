@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+
+from tendiff import checkpoints as ckpt
+from tendiff.data import dataset_available, load_dataset
+from tendiff.train import augment, main as train_main
+
+
+@pytest.fixture
+def fake_cache(tmp_path, monkeypatch):
+    """Cached tensors in the layout load_dataset writes, so training runs without real data."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 256), ("test", 64)):
+        images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g)
+        torch.save({"images": images, "labels": torch.arange(n) % 10}, cache / f"mnist_{split}.pt")
+    monkeypatch.setenv("TENDIFF_CACHE", str(cache))
+    monkeypatch.setenv("TENDIFF_CHECKPOINTS", str(tmp_path / "ckpt"))
+    return tmp_path
+
+
+def test_load_dataset_reads_the_cache(fake_cache):
+    data = load_dataset("mnist", "train")
+    assert data.images.shape == (256, 1, 28, 28) and data.images.dtype == torch.uint8
+    assert data.float_images().max() <= 1.0
+
+
+def test_unknown_dataset_is_refused():
+    with pytest.raises(ValueError):
+        load_dataset("imagenet")
+
+
+def test_augment_keeps_shape_and_content():
+    x = torch.zeros(4, 1, 28, 28)
+    x[:, :, 10:18, 10:18] = 1
+    out = augment(x, "mnist", torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.sum() == x.sum()  # a shift within the padding loses nothing
+
+
+def test_train_classifier_then_purifier_then_tt_from_dense_and_resume(fake_cache):
+    d = fake_cache / "ckpt"
+    train_main(["classifier", "--dataset", "mnist", "--steps", "3", "--batch-size", "8",
+                "--run-dir", str(fake_cache / "run_c")])
+    train_main(["purifier", "--dataset", "mnist", "--steps", "4", "--batch-size", "8", "--save-every", "2",
+                "--run-dir", str(fake_cache / "run_p")])
+    dense = d / "mnist_dense.safetensors"
+    train_main(["purifier", "--dataset", "mnist", "--conv", "tt", "--rank", "2", "--init-from", str(dense),
+                "--steps", "2", "--batch-size", "8", "--run-dir", str(fake_cache / "run_t")])
+    manifest = json.loads((d / "manifest.json").read_text())["checkpoints"]
+    assert set(manifest) == {"mnist_classifier.safetensors", "mnist_dense.safetensors", "mnist_tt-r2.safetensors"}
+    tt = manifest["mnist_tt-r2.safetensors"]
+    assert tt["init_from"] == "mnist_dense.safetensors" and tt["steps"] == 2
+    assert tt["config"]["conv"] == "tt" and tt["parameters"] < manifest["mnist_dense.safetensors"]["parameters"]
+    assert "heldout_eps_mse_first1000" in tt["train_metrics"]
+    assert ckpt.load_model("mnist_tt-r2.safetensors").config.rank == 2
+    # Resume: the state at step 4 continues to 6 rather than starting again.
+    train_main(["purifier", "--dataset", "mnist", "--steps", "6", "--batch-size", "8", "--resume",
+                "--run-dir", str(fake_cache / "run_p")])
+    manifest = json.loads((d / "manifest.json").read_text())["checkpoints"]
+    assert manifest["mnist_dense.safetensors"]["steps"] == 6
+
+
+@pytest.mark.skipif(not dataset_available("mnist"), reason="MNIST is not on this machine")
+def test_real_mnist_loads():
+    data = load_dataset("mnist", "test")
+    assert len(data) == 10000 and data.labels.bincount().tolist()[0] == 980

@@ -1,0 +1,159 @@
+import pytest
+import torch
+from torch import nn
+
+from tendiff.tt import (TTConv2d, count_parameters, dense_param_count, full_ranks, set_mode, tensorize,
+                        tt_param_count)
+from tendiff.unet import UNet, preset, unet_from_dense
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("layout", ["tt", "authors"])
+@pytest.mark.parametrize("rank", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("stride,padding,kernel", [(1, 1, 3), (2, 1, 3), (1, 0, 3), (2, 2, 5), (3, 1, (3, 5))])
+def test_execution_modes_agree(layout, rank, stride, padding, kernel):
+    layer = TTConv2d(12, 20, kernel, stride, padding, rank=rank, layout=layout).double()
+    x = torch.randn(3, 12, 17, 19, dtype=torch.double)
+    outs = {}
+    for mode in ("rebuild", "chain", "cached", "auto"):
+        layer.mode = mode
+        with torch.no_grad():
+            outs[mode] = layer(x)
+    ref = nn.functional.conv2d(x, layer.full_kernel(), layer.bias, stride, padding)
+    for mode, y in outs.items():
+        assert y.shape == ref.shape
+        assert rel_err(y, ref) < 1e-5, mode
+
+
+def test_chain_mode_backpropagates_like_rebuild():
+    layer = TTConv2d(8, 8, 3, 1, 1, rank=2)
+    x = torch.randn(2, 8, 9, 9)
+    grads = {}
+    for mode in ("rebuild", "chain"):
+        layer.zero_grad()
+        layer.mode = mode
+        layer(x).square().sum().backward()
+        grads[mode] = [p.grad.clone() for p in layer.parameters()]
+    for a, b in zip(grads["rebuild"], grads["chain"]):
+        assert rel_err(b, a) < 1e-4
+
+
+def test_cached_kernel_follows_weight_updates():
+    layer = TTConv2d(8, 8, 3, 1, 1, rank=2, mode="cached")
+    x = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        before = layer(x)
+        layer.cores[0].mul_(2.0)  # an in-place update, as an optimizer or load_state_dict does
+        after = layer(x)
+        expected = nn.functional.conv2d(x, layer.full_kernel(), layer.bias, 1, 1)
+    assert not torch.allclose(before, after)
+    assert rel_err(after, expected) < 1e-6
+
+
+def test_cached_mode_trains_through_rebuild():
+    layer = TTConv2d(8, 8, 3, 1, 1, rank=2, mode="cached")
+    layer(torch.randn(1, 8, 5, 5)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.cores)
+
+
+@pytest.mark.parametrize("layout", ["tt", "authors"])
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1)])
+def test_tt_svd_at_full_rank_reproduces_dense_conv(layout, stride, padding):
+    conv = nn.Conv2d(6, 10, 3, stride, padding).double()
+    tt = TTConv2d.from_conv(conv, "full", layout)
+    assert tt.ranks == full_ranks(6, 10, 3, layout)
+    x = torch.randn(2, 6, 11, 11, dtype=torch.double)
+    for mode in ("rebuild", "chain"):
+        tt.mode = mode
+        with torch.no_grad():
+            assert rel_err(tt(x), conv(x)) < 1e-10
+
+
+def test_tt_svd_error_shrinks_with_rank():
+    conv = nn.Conv2d(16, 16, 3, 1, 1)
+    errors = [rel_err(TTConv2d.from_conv(conv, r).full_kernel(), conv.weight.detach()) for r in (1, 2, 4, 8, 16)]
+    assert all(a >= b - 1e-6 for a, b in zip(errors, errors[1:]))
+    assert errors[0] > 0.3  # a random kernel is far from rank 1
+
+
+@pytest.mark.parametrize("layout", ["tt", "authors"])
+@pytest.mark.parametrize("rank", [1, 2, 3, 4, (2, 3, 5)])
+def test_parameter_count_matches_formula(layout, rank):
+    if layout == "authors" and isinstance(rank, tuple):
+        rank = (2, 3)
+    layer = TTConv2d(32, 64, 3, rank=rank, layout=layout)
+    n = count_parameters(layer)
+    assert n == tt_param_count(32, 64, 3, rank, layout)
+    if layout == "tt" and isinstance(rank, int):
+        assert n == 32 * rank + 3 * rank * rank * 2 + rank * 64 + 64  # O(N R^2)
+    if layout == "authors" and isinstance(rank, int):
+        assert n == 64 * 32 * rank + rank * 3 * rank + rank * 3 + 64  # O(N^2 R)
+    assert dense_param_count(32, 64, 3) == count_parameters(nn.Conv2d(32, 64, 3))
+
+
+def test_tt_init_matches_dense_init_scale():
+    layer = TTConv2d(64, 64, 3, rank=4)
+    dense = nn.Conv2d(64, 64, 3)
+    ratio = layer.full_kernel().std() / dense.weight.std()
+    assert 0.5 < ratio.item() < 2.0
+
+
+def test_invalid_arguments_are_refused():
+    with pytest.raises(ValueError):
+        TTConv2d(8, 8, 3, rank=0)
+    with pytest.raises(ValueError):
+        TTConv2d(8, 8, 3, layout="cp")
+    with pytest.raises(ValueError):
+        TTConv2d(8, 8, 3, mode="fast")
+    with pytest.raises(ValueError):
+        TTConv2d.from_conv(nn.Conv2d(8, 8, 3, groups=2), 2)
+
+
+def test_tensorize_replaces_only_eligible_convs():
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.Conv2d(16, 16, 1))
+    x = torch.randn(2, 1, 8, 8)
+    ref = model(x)
+    tensorize(model, "full")
+    kinds = [type(m).__name__ for m in model]
+    assert kinds == ["Conv2d", "ReLU", "TTConv2d", "Conv2d"]
+    assert rel_err(model(x), ref) < 1e-4
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_unet_shapes_and_tt_parameter_counts(dataset):
+    cfg = preset(dataset)
+    x = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size)
+    t = torch.tensor([1, 400])
+    dense = UNet(cfg)
+    assert dense(x, t).shape == x.shape
+    counts = [UNet(preset(dataset, "tt", r)).num_parameters() for r in (1, 2, 3, 4)]
+    assert counts == sorted(counts) and counts[-1] < dense.num_parameters() / 10
+    assert UNet(preset(dataset, "authors", 3)).num_parameters() > counts[-1]
+
+
+def test_unet_from_dense_matches_dense_at_full_rank_and_loads_into_config_model():
+    dense = UNet(preset("mnist", channels=(8, 16))).eval()
+    for p in dense.parameters():  # the head starts at zero; make the output informative
+        nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 300])
+    tt = unet_from_dense(dense, 48, "tt").eval()  # 48 >= every full bond rank here
+    with torch.no_grad():
+        assert rel_err(tt(x, t), dense(x, t)) < 1e-4
+    low = unet_from_dense(dense, 2, "tt")
+    fresh = UNet(low.config)
+    fresh.load_state_dict(low.state_dict())  # same structure as a TT U-Net built from its config
+    set_mode(fresh, "chain")
+    with torch.no_grad():
+        assert rel_err(fresh.eval()(x, t), low.eval()(x, t)) < 1e-5
+
+
+def test_conditional_unet_takes_labels_and_null_label():
+    model = UNet(preset("mnist", num_classes=10, channels=(8, 16)))
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([5, 5])
+    assert model(x, t, torch.tensor([1, 10])).shape == x.shape
+    with pytest.raises(ValueError):
+        UNet(preset("mnist", channels=(8, 16)))(x, t, torch.tensor([1, 2]))
