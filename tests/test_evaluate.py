@@ -1,0 +1,76 @@
+import json
+
+import pytest
+import torch
+
+from tendiff import checkpoints as ckpt
+from tendiff.classifiers import build_classifier
+from tendiff.evaluate import main as evaluate_main, psnr, ssim, wilson_interval
+from tendiff.unet import UNet, preset, unet_from_dense
+
+
+@pytest.fixture
+def tiny_world(tmp_path, monkeypatch):
+    """Generated MNIST-shaped data and tiny checkpoints listed in a temporary manifest."""
+    cache, ck = tmp_path / "cache", tmp_path / "ckpt"
+    cache.mkdir()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=g)
+    torch.save({"images": images, "labels": torch.arange(40) % 10}, cache / "mnist_test.pt")
+    monkeypatch.setenv("TENDIFF_CACHE", str(cache))
+    monkeypatch.setenv("TENDIFF_CHECKPOINTS", str(ck))
+    torch.manual_seed(0)
+    models = {"classifier": build_classifier("mnist")}
+    dense = UNet(preset("mnist", channels=(8, 16)))
+    for p in dense.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    models["dense"] = dense
+    models["tt-r2"] = unet_from_dense(dense, 2, "tt")
+    models["dense-cond"] = UNet(preset("mnist", channels=(8, 16), num_classes=10))
+    for name, model in models.items():
+        path = ck / ckpt.checkpoint_name("mnist", name)
+        ckpt.save_checkpoint(model.eval(), path)
+        ckpt.update_manifest(path, model, {"command": "test", "seed": 0, "steps": 0, "wall_time_s": 0,
+                                           "hardware": "test"})
+    return tmp_path
+
+
+def test_metrics():
+    x = torch.rand(3, 1, 16, 16)
+    assert torch.allclose(ssim(x, x), torch.ones(3), atol=1e-4)
+    assert ssim(x, torch.rand(3, 1, 16, 16)).max() < 0.5
+    assert psnr(x, (x + 0.1).clamp(0, 1)).min() > 19
+    lo, hi = wilson_interval(90, 100)
+    assert lo < 0.9 < hi and 0.82 < lo and hi < 0.95
+
+
+def test_evaluation_end_to_end(tiny_world, capsys):
+    out = tiny_world / "results"
+    evaluate_main(["--dataset", "mnist", "--n", "12", "--n-attack", "4", "--seeds", "2", "--t-star", "20",
+                   "--steps", "2", "--pgd-steps", "2", "--adaptive-steps", "1", "--adaptive-eot", "1",
+                   "--corruptions", "clean", "gaussian", "salt_pepper", "pgd_linf", "adaptive",
+                   "--purifiers", "none", "dense", "tt-r2", "tt-r4", "tt-r2/one-step", "dense-cond/guided",
+                   "--out", str(out), "--record-metrics"])
+    data = json.loads((out / "results.json").read_text())["results"][0]
+    assert data["missing"] == ["tt-r4"]
+    purifiers = {"none", "dense", "tt-r2", "tt-r2/one-step", "dense-cond/guided"}
+    assert {c["purifier"] for c in data["cells"]} == purifiers
+    assert len(data["cells"]) == 5 * len(purifiers)
+    for c in data["cells"]:
+        assert 0 <= c["ci95"][0] <= c["accuracy"] <= c["ci95"][1] <= 1
+        assert c["n"] == (4 if c["corruption"] in ("pgd_linf", "adaptive") else 12)
+        assert c["seeds"] == (1 if c["purifier"] == "none" else 2)
+        assert c["worst_of_seeds"] <= c["accuracy"] + 1e-9
+    clean_none = next(c for c in data["cells"] if c["corruption"] == "clean" and c["purifier"] == "none")
+    assert clean_none["psnr"] == pytest.approx(100.0)  # unpurified clean image: identical
+    costs = {c["purifier"]: c for c in data["costs"]}
+    assert costs["tt-r2"]["parameters"] < costs["dense"]["parameters"]
+    assert costs["tt-r2"]["macs_per_forward"] < costs["dense"]["macs_per_forward"]
+    assert costs["tt-r2/one-step"]["forwards_per_image"] == 1
+    md = (out / "results.md").read_text()
+    assert "transfer: crafted on the bare classifier" in md and "adaptive: PGD+EOT" in md
+    assert "Not evaluated (checkpoint missing): tt-r4" in md
+    assert (out / "mnist_accuracy.png").stat().st_size > 1000
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + len(data["cells"])
+    manifest = ckpt.read_manifest()
+    assert "acc_gaussian_t20_ddim2" in manifest["checkpoints"]["mnist_tt-r2.safetensors"]["metrics"]
