@@ -17,6 +17,7 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -114,6 +115,17 @@ def heldout_denoising_loss(model: UNet, diffusion: GaussianDiffusion, images: to
     return total / images.numel()
 
 
+def conditional_from_unconditional(dense: UNet, num_classes: int) -> UNet:
+    """A class-conditional copy of a trained unconditional U-Net. The label embedding starts
+    at zero, so the copy begins as exactly the unconditional model and fine-tuning only has to
+    learn what the label adds."""
+    model = UNet(replace(dense.config, num_classes=num_classes))
+    missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("label_embed") for k in missing), (missing, unexpected)
+    torch.nn.init.zeros_(model.label_embed.weight)
+    return model
+
+
 # -------------------------------------------------------------------- train
 def train(args: argparse.Namespace) -> dict:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -149,14 +161,16 @@ def train(args: argparse.Namespace) -> dict:
         num_classes = 10 if args.conditional else 0
         if args.init_from:
             dense = ckpt.load_checkpoint(args.init_from)
-            if args.conv == "dense":
-                model = dense
-            else:
+            if args.conv != "dense":
                 model = unet_from_dense(dense, args.rank, args.conv)
+            elif args.conditional and dense.config.num_classes == 0:
+                model = conditional_from_unconditional(dense, num_classes)
+            else:
+                model = dense
         else:
             model = UNet(preset(args.dataset, args.conv, args.rank, num_classes=num_classes))
         if args.conditional and model.config.num_classes == 0:
-            raise SystemExit("--conditional needs a conditional model (do not combine with an unconditional --init-from)")
+            raise SystemExit("--conditional with --init-from takes a dense checkpoint (TT conditional models are not offered)")
         peak_lr = args.lr or (1e-3 if args.init_from else 2e-3)
     model.to(device)
     ema = copy.deepcopy(model).eval() if args.what == "purifier" else None

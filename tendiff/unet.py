@@ -153,7 +153,7 @@ def unet_from_dense(dense: UNet, rank, layout: str = "tt", mode: str = "auto") -
 PRESETS: dict[str, UNetConfig] = {
     "mnist": UNetConfig(in_channels=1, image_size=28, channels=(32, 64, 64)),
     "fashion_mnist": UNetConfig(in_channels=1, image_size=28, channels=(32, 64, 64)),
-    "cifar10": UNetConfig(in_channels=3, image_size=32, channels=(64, 128, 128)),
+    "cifar10": UNetConfig(in_channels=3, image_size=32, channels=(32, 64, 64)),  # CPU-trainable width
 }
 
 

@@ -1,0 +1,786 @@
+"""The purification pipeline behind the Studio app and the evaluation command, free of any UI.
+
+One :class:`Studio` object loads and caches (thread-safely) the classifier and the purifiers of
+each dataset from the committed checkpoints (:func:`tendiff.checkpoints.load_model`, local first,
+then the Hub), and runs the three stages of a demo request:
+
+1. :func:`prepare_image` turns any upload (path, bytes, PIL image, array) into the tensor the
+   models see: the dataset's size and colour mode, in [0, 1], MNIST-like digits white on black;
+2. :meth:`Studio.corrupt` applies a corruption or an attack (:mod:`tendiff.attacks`);
+3. :meth:`Studio.purify_stream` streams the reverse diffusion (:func:`tendiff.diffusion.purify`),
+   one :class:`Frame` per step with the classifier's view of each step.
+
+Every parameter is validated by :class:`CorruptionSpec` / :class:`PurifySpec` *before* any work
+starts, against server-side :class:`Limits`; a bad value raises ``ValueError`` with a message
+meant for the end user. Whole runs are cached on every input (image bytes, label, corruption,
+model, t*, steps, method, seed), so a repeated request replays instantly.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import attacks
+from .checkpoints import CheckpointNotFoundError, checkpoint_name, load_model, read_manifest
+from .classifiers import predict
+from .data import CLASS_NAMES, DATASETS, IMAGE_SHAPE
+from .diffusion import METHODS, GaussianDiffusion, purify
+from .tt import TTConv2d, count_parameters, tt_layers, tt_param_count, dense_param_count
+from .unet import UNet, preset
+
+DATASET_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+MODEL_LABELS = ("dense", "tt-r1", "tt-r2", "tt-r3", "tt-r4", "authors-r3")
+COMPARE_LABELS = ("dense", "tt-r1", "tt-r2", "tt-r3", "tt-r4")
+CORRUPTIONS = ("none", "gaussian", "salt_pepper", "pgd_linf", "adaptive")
+CORRUPTION_TITLES = {
+    "none": "None (clean input)",
+    "gaussian": "Gaussian noise (sigma)",
+    "salt_pepper": "Salt and pepper (p)",
+    "pgd_linf": "PGD L-inf on the classifier (eps, steps)",
+    "adaptive": "Adaptive PGD+EOT through the purifier (slow)",
+}
+THREAT_LINES = {
+    "none": "No corruption: the clean image goes straight to the purifier.",
+    "gaussian": "Random noise, no attacker.",
+    "salt_pepper": "Random noise, no attacker.",
+    "pgd_linf": "Threat model: the attack sees only the classifier (a transfer attack on the defense).",
+    "adaptive": "Threat model: the attack sees the purifier (PGD+EOT with gradients through a few-step "
+                "DDIM surrogate of the chosen purifier, then the classifier).",
+}
+DEFAULT_MODEL = "tt-r2"
+DEFAULT_T_STAR = 100
+DEFAULT_STEPS = 10
+DEFAULT_METHOD = "ddim"
+
+
+# ----------------------------------------------------------------- limits and validation
+@dataclass(frozen=True)
+class Limits:
+    """Server-side limits: what one request may cost."""
+
+    max_reverse_steps: int = 100
+    max_attack_steps: int = 40  # PGD iterations against the bare classifier
+    max_adaptive_steps: int = 10  # PGD iterations of the adaptive attack
+    max_eot: int = 4
+    max_surrogate_steps: int = 4
+    max_upload_bytes: int = 10 * 2 ** 20
+    max_upload_side: int = 4096
+    min_upload_side: int = 8
+    max_seed: int = 2 ** 31 - 1
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {value!r}") from None
+    if not math.isfinite(f) or f != int(f):
+        raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {value!r}")
+    if not lo <= int(f) <= hi:
+        raise ValueError(f"{name} must be in {lo}..{hi}, got {int(f)}")
+    return int(f)
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value!r}") from None
+    if isinstance(value, bool) or not lo <= f <= hi:  # also refuses NaN
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+    return f
+
+
+def check_dataset(dataset: str) -> str:
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    return dataset
+
+
+def parse_model_label(label: str) -> tuple[str, int | None]:
+    """'dense' -> ('dense', None); 'tt-r2' -> ('tt', 2); 'authors-r3' -> ('authors', 3)."""
+    if label == "dense":
+        return "dense", None
+    layout, _, rank = str(label).partition("-r")
+    if layout not in ("tt", "authors") or not rank.isdigit():
+        raise ValueError(f"unknown model {label!r}; expected 'dense', 'tt-r1'..'tt-r4' or 'authors-r3'")
+    if not 1 <= int(rank) <= 4:
+        raise ValueError(f"TT rank must be in 1..4, got {int(rank)} (model {label!r})")
+    return layout, int(rank)
+
+
+def check_label(dataset: str, label: Any) -> int | None:
+    """A true label as a class index (None: unknown). Accepts an index or a class name."""
+    if label is None or label == "" or (isinstance(label, str) and label.startswith("unknown")):
+        return None
+    names = CLASS_NAMES[dataset]
+    if isinstance(label, str) and label in names:
+        return names.index(label)
+    return _check_int("true label", label, 0, len(names) - 1)
+
+
+@dataclass(frozen=True)
+class CorruptionSpec:
+    kind: str = "gaussian"
+    sigma: float = 0.3
+    p: float = 0.1
+    eps: float = 0.2
+    attack_steps: int = 10
+    eot: int = 2
+    surrogate_steps: int = 2
+
+    def validated(self, limits: Limits = Limits()) -> "CorruptionSpec":
+        if self.kind not in CORRUPTIONS:
+            raise ValueError(f"unknown corruption {self.kind!r}; choose one of {', '.join(CORRUPTIONS)}")
+        max_steps = limits.max_adaptive_steps if self.kind == "adaptive" else limits.max_attack_steps
+        return replace(
+            self,
+            sigma=_check_float("sigma", self.sigma, 0.0, 1.0),
+            p=_check_float("p", self.p, 0.0, 1.0),
+            eps=_check_float("eps", self.eps, 0.0, 1.0),
+            attack_steps=_check_int("attack steps", self.attack_steps, 1, max_steps),
+            eot=_check_int("EOT samples", self.eot, 1, limits.max_eot),
+            surrogate_steps=_check_int("surrogate DDIM steps", self.surrogate_steps, 1, limits.max_surrogate_steps),
+        )
+
+    def key(self) -> tuple:
+        """Only the parameters this kind uses (so an unused slider never misses the cache)."""
+        used = {"none": (), "gaussian": ("sigma",), "salt_pepper": ("p",), "pgd_linf": ("eps", "attack_steps"),
+                "adaptive": ("eps", "attack_steps", "eot", "surrogate_steps")}[self.kind]
+        return (self.kind,) + tuple(getattr(self, k) for k in used)
+
+    @property
+    def threat(self) -> str:
+        return THREAT_LINES[self.kind]
+
+    def cost(self) -> str:
+        if self.kind == "pgd_linf":
+            return f"{self.attack_steps} classifier forward/backward passes."
+        if self.kind == "adaptive":
+            n = self.attack_steps * self.eot * (self.surrogate_steps + 1)
+            return (f"{self.attack_steps} PGD steps x {self.eot} EOT samples x ({self.surrogate_steps} surrogate "
+                    f"DDIM steps + classifier) = {n} purifier-and-classifier forward/backward passes "
+                    "(seconds to minutes on a CPU).")
+        return "negligible."
+
+    @classmethod
+    def from_params(cls, kind: str, params: Mapping[str, Any] | None = None) -> "CorruptionSpec":
+        params = dict(params or {})
+        allowed = {f for f in cls.__dataclass_fields__ if f != "kind"}
+        unknown = set(params) - allowed
+        if unknown:
+            raise ValueError(f"unknown corruption parameter(s) {sorted(unknown)}; expected some of {sorted(allowed)}")
+        return cls(kind=kind, **params)
+
+
+@dataclass(frozen=True)
+class PurifySpec:
+    model: str = DEFAULT_MODEL
+    t_star: int = DEFAULT_T_STAR
+    steps: int = DEFAULT_STEPS
+    method: str = DEFAULT_METHOD
+    seed: int = 0
+
+    def validated(self, num_timesteps: int, limits: Limits = Limits()) -> "PurifySpec":
+        parse_model_label(self.model)
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        t_star = _check_int("t*", self.t_star, 1, num_timesteps)
+        steps = 1 if self.method == "one-step" else _check_int(
+            "number of reverse steps", self.steps, 1, min(limits.max_reverse_steps, t_star))
+        return replace(self, t_star=t_star, steps=steps, seed=_check_int("seed", self.seed, 0, limits.max_seed))
+
+
+# ------------------------------------------------------------------------------ images
+@dataclass
+class Prepared:
+    tensor: torch.Tensor  # (1, C, H, W) in [0, 1], exactly 8-bit levels
+    message: str
+    inverted: bool = False
+
+
+def _open_upload(source, limits: Limits) -> Image.Image:
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"upload {path.name!r} was not found")
+        size = path.stat().st_size
+        if size > limits.max_upload_bytes:
+            raise ValueError(f"the upload is {size / 2**20:.1f} MB; the limit is {limits.max_upload_bytes / 2**20:.0f} MB")
+        source = path.read_bytes()
+    if isinstance(source, (bytes, bytearray)):
+        if len(source) > limits.max_upload_bytes:
+            raise ValueError(f"the upload is {len(source) / 2**20:.1f} MB; the limit is {limits.max_upload_bytes / 2**20:.0f} MB")
+        try:
+            img = Image.open(io.BytesIO(source))
+        except (UnidentifiedImageError, Image.DecompressionBombError):
+            raise ValueError("the upload is not an image PIL can read (or is absurdly large); upload a PNG or JPEG") from None
+        except Exception as exc:
+            raise ValueError(f"the upload could not be read as an image ({type(exc).__name__})") from None
+        return img
+    if isinstance(source, Image.Image):
+        return source
+    raise ValueError(f"expected an image, got {type(source).__name__}")
+
+
+def _array_to_pil(arr: np.ndarray) -> Image.Image:
+    arr = np.asarray(arr)
+    if arr.dtype == np.uint16 or arr.dtype == np.int32:
+        raise ValueError("16-bit images are not supported; save the image with 8 bits per channel")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ValueError("float image arrays must hold values in [0, 1]")
+        arr = np.round(arr * 255).astype(np.uint8)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"unsupported image array type {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        return Image.fromarray(arr, "L")
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        return Image.fromarray(arr, "RGB" if arr.shape[2] == 3 else "RGBA")
+    raise ValueError(f"an image array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
+
+
+def prepare_image(image, dataset: str, limits: Limits = Limits()) -> Prepared:
+    """Any upload -> the (1, C, H, W) tensor in [0, 1] that the dataset's models take.
+
+    Refuses, with a message for the user: files that are not images, files over the size limit,
+    images larger than ``max_upload_side`` or smaller than ``min_upload_side`` pixels on a side,
+    animations, 16-bit or float images, and images with transparent pixels. Accepts everything
+    else: crops the centre square (when not square), resizes (box filter for exact integer
+    factors, so an image enlarged with nearest-neighbour comes back exactly; Lanczos otherwise),
+    converts to the dataset's colour mode, and for MNIST-like datasets (white digit on black)
+    inverts a gray image whose border is light.
+    """
+    check_dataset(dataset)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+        image = image[0] if image.ndim == 4 else image
+        image = np.moveaxis(image, 0, -1) if image.ndim == 3 and image.shape[0] in (1, 3) else image
+    img = _array_to_pil(image) if isinstance(image, np.ndarray) else _open_upload(image, limits)
+    if getattr(img, "is_animated", False) or getattr(img, "n_frames", 1) > 1:
+        raise ValueError("animated images are not supported; upload a single still frame")
+    w, h = img.size
+    if max(w, h) > limits.max_upload_side:
+        raise ValueError(f"the image is {w}x{h} pixels; the limit is {limits.max_upload_side} on a side")
+    if min(w, h) < limits.min_upload_side:
+        raise ValueError(f"the image is {w}x{h} pixels, too small to be recognised; "
+                         f"at least {limits.min_upload_side} on a side is needed")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F") or img.mode.startswith("I;16"):
+        raise ValueError(f"{'16-bit' if '16' in img.mode or img.mode == 'I' else 'floating-point'} images "
+                         f"(mode {img.mode}) are not supported; save the image with 8 bits per channel")
+    try:
+        img.load()
+    except Exception as exc:
+        raise ValueError(f"the image file is damaged or truncated ({type(exc).__name__})") from None
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        alpha = img.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            raise ValueError("the image has transparent pixels; flatten it onto a background and upload it again")
+    original = f"{w}x{h} {img.mode}"
+    steps = []
+    c, H, W = IMAGE_SHAPE[dataset]
+    img = img.convert("L" if c == 1 else "RGB")
+    if img.mode == "L" and original.endswith(("RGB", "RGBA", "CMYK", "YCbCr")):
+        steps.append("converted to grayscale")
+    if w != h:
+        side = min(w, h)
+        img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+        steps.append("cropped to the centre square")
+    if img.size != (W, H):
+        factor = img.size[0] / W
+        exact = factor == int(factor) and img.size[1] == H * int(factor)
+        img = img.resize((W, H), Image.BOX if exact else Image.LANCZOS)
+        steps.append(f"resized to {W}x{H}")
+    inverted = False
+    arr = np.asarray(img, dtype=np.uint8)
+    if c == 1:
+        border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+        if border.mean() > 127:
+            arr = 255 - arr
+            inverted = True
+            steps.append("inverted (light background; these models expect a light object on black)")
+    tensor = torch.from_numpy(arr.copy()).float().div(255)
+    tensor = tensor[None, None] if c == 1 else tensor.permute(2, 0, 1)[None]
+    mode = "gray" if c == 1 else "RGB"
+    message = f"Model input: {W}x{H} {mode}, from a {original} image" + (f"; {', '.join(steps)}." if steps else " (unchanged).")
+    return Prepared(tensor.contiguous(), message, inverted)
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Round to 8-bit levels: what is shown (a PNG) is exactly what is purified."""
+    return (x.clamp(0, 1) * 255).round() / 255
+
+
+def image_hash(x: torch.Tensor) -> str:
+    arr = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return hashlib.sha1(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
+
+
+def to_pil(x: torch.Tensor, scale: int = 1) -> Image.Image:
+    """(1, C, H, W) or (C, H, W) in [0, 1] -> PIL image, enlarged ``scale`` times (nearest)."""
+    x = x.detach().cpu()
+    x = x[0] if x.ndim == 4 else x
+    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[:, :, 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def display_scale(x: torch.Tensor, target: int = 224) -> int:
+    return max(1, target // max(x.shape[-2:]))
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class Corrupted:
+    tensor: torch.Tensor  # (1, C, H, W) in [0, 1], 8-bit levels
+    spec: CorruptionSpec
+    label_used: int | None  # the label an attack pushed away from (true label, else the prediction)
+    seconds: float
+
+    @property
+    def threat(self) -> str:
+        return self.spec.threat
+
+
+@dataclass
+class Frame:
+    """One streamed step of purification, with the classifier's view of it."""
+
+    index: int
+    num_steps: int
+    t: int
+    noise_std: float
+    x_t: torch.Tensor
+    pred_x0: torch.Tensor
+    confidence: float  # the tracked class's probability for pred_x0
+    distance: float  # RMSE between pred_x0 and the clean image, in [0, 1] pixel units
+    seconds: float  # wall time since purification started
+
+    @property
+    def final(self) -> bool:
+        return self.index == self.num_steps
+
+
+@dataclass
+class RunResult:
+    dataset: str
+    clean: torch.Tensor
+    corrupted: Corrupted
+    spec: PurifySpec
+    frames: list[Frame]
+    probs_clean: torch.Tensor
+    probs_corrupted: torch.Tensor
+    probs_purified: torch.Tensor
+    tracked_label: int
+    seconds: float
+
+    @property
+    def purified(self) -> torch.Tensor:
+        return self.frames[-1].x_t
+
+
+@dataclass
+class CompareRow:
+    model: str
+    available: bool
+    image: torch.Tensor | None = None
+    prediction: str = ""
+    confidence: float = float("nan")
+    true_confidence: float = float("nan")
+    parameters: int = 0
+    compression: float = float("nan")
+    seconds: float = float("nan")
+    note: str = ""
+
+
+def topk(dataset: str, probs: torch.Tensor, k: int = 3) -> list[tuple[str, float]]:
+    p = probs.flatten()
+    vals, idx = p.topk(min(k, p.numel()))
+    names = CLASS_NAMES[dataset]
+    return [(names[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
+
+
+# ------------------------------------------------------------------------------ studio
+class Studio:
+    """Loads, caches and runs the models of every dataset; safe to share between threads."""
+
+    def __init__(self, limits: Limits = Limits(), cache_size: int = 64):
+        self.limits = limits
+        self.diffusion = GaussianDiffusion()
+        self._models: dict[str, torch.nn.Module] = {}
+        self._load_lock = threading.Lock()
+        self._cache_lock = threading.Lock()
+        self._cache: OrderedDict[tuple, Any] = OrderedDict()
+        self._cache_size = cache_size
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.diffusion.num_timesteps
+
+    def noise_std(self, t: int) -> float:
+        return self.diffusion.noise_std(t)
+
+    # ----------------------------------------------------------------- models
+    @staticmethod
+    def manifest_entries() -> dict:
+        return read_manifest()["checkpoints"]
+
+    def available_models(self, dataset: str) -> list[str]:
+        """Purifier labels whose checkpoint the manifest lists, in display order."""
+        check_dataset(dataset)
+        listed = self.manifest_entries()
+        return [m for m in MODEL_LABELS if checkpoint_name(dataset, m) in listed]
+
+    def has_classifier(self, dataset: str) -> bool:
+        return checkpoint_name(check_dataset(dataset), "classifier") in self.manifest_entries()
+
+    def status(self, dataset: str) -> str:
+        """One line for the UI: what is trained for this dataset."""
+        title = DATASET_TITLES[check_dataset(dataset)]
+        models = self.available_models(dataset)
+        if not self.has_classifier(dataset) or not models:
+            missing = "classifier and purifiers" if not self.has_classifier(dataset) and not models else (
+                "classifier" if not self.has_classifier(dataset) else "purifiers")
+            return (f"{title}: the {missing} are not trained yet, so this dataset can only be browsed. "
+                    "Pick MNIST or Fashion-MNIST to run the demo.")
+        return f"{title}: classifier and purifiers {', '.join(models)} ready."
+
+    def _load(self, name: str) -> torch.nn.Module:
+        with self._load_lock:
+            model = self._models.get(name)
+            if model is None:
+                try:
+                    model = load_model(name)
+                except CheckpointNotFoundError as exc:
+                    raise CheckpointNotFoundError(f"not trained yet: {exc}") from None
+                model.requires_grad_(False).eval()
+                self._models[name] = model
+            return model
+
+    def classifier(self, dataset: str) -> torch.nn.Module:
+        return self._load(checkpoint_name(check_dataset(dataset), "classifier"))
+
+    def purifier(self, dataset: str, model: str) -> torch.nn.Module:
+        parse_model_label(model) if not model.endswith("-cond") else None
+        return self._load(checkpoint_name(check_dataset(dataset), model))
+
+    def model_parameters(self, dataset: str, model: str) -> int:
+        entry = self.manifest_entries().get(checkpoint_name(dataset, model))
+        if entry and "parameters" in entry:
+            return int(entry["parameters"])
+        return count_parameters(self.purifier(dataset, model))
+
+    def dense_parameters(self, dataset: str) -> int:
+        entry = self.manifest_entries().get(checkpoint_name(dataset, "dense"))
+        if entry and "parameters" in entry:
+            return int(entry["parameters"])
+        return count_parameters(UNet(preset(dataset)))
+
+    # ------------------------------------------------------------- inference
+    def probs(self, dataset: str, x: torch.Tensor) -> torch.Tensor:
+        return predict(self.classifier(dataset), x)
+
+    def predict_topk(self, dataset: str, x: torch.Tensor, k: int = 3) -> list[tuple[str, float]]:
+        return topk(dataset, self.probs(dataset, x)[0], k)
+
+    def _cached(self, key: tuple, compute):
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key], True
+        value = compute()
+        with self._cache_lock:
+            self._cache[key] = value
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return value, False
+
+    def corrupt(self, dataset: str, kind: str, x: torch.Tensor, y: int | None = None,
+                params: Mapping[str, Any] | CorruptionSpec | None = None, seed: int = 0,
+                model: str = DEFAULT_MODEL, t_star: int = DEFAULT_T_STAR) -> Corrupted:
+        """Apply a corruption (validated first); attacks push away from y (default: the prediction).
+
+        ``model`` and ``t_star`` matter only to the adaptive attack, which differentiates through
+        that purifier diffused to that t*.
+        """
+        check_dataset(dataset)
+        spec = params if isinstance(params, CorruptionSpec) else CorruptionSpec.from_params(kind, params)
+        spec = replace(spec, kind=kind).validated(self.limits)
+        seed = _check_int("seed", seed, 0, self.limits.max_seed)
+        if spec.kind == "adaptive":
+            parse_model_label(model)
+            t_star = _check_int("t*", t_star, 1, self.num_timesteps)
+        key = ("corrupt", dataset, image_hash(x), y, spec.key(), seed,
+               (model, t_star) if spec.kind == "adaptive" else None)
+        value, _ = self._cached(key, lambda: self._corrupt(dataset, spec, x, y, seed, model, t_star))
+        return value
+
+    def _corrupt(self, dataset, spec, x, y, seed, model, t_star) -> Corrupted:
+        start = time.perf_counter()
+        label_used = y
+        if spec.kind == "none":
+            out = x.clone()
+        elif spec.kind == "gaussian":
+            out = attacks.gaussian_noise(x, spec.sigma, seed)
+        elif spec.kind == "salt_pepper":
+            out = attacks.salt_and_pepper(x, spec.p, seed)
+        else:
+            classifier = self.classifier(dataset)
+            if label_used is None:
+                label_used = int(self.probs(dataset, x).argmax())
+            yt = torch.tensor([label_used])
+            if spec.kind == "pgd_linf":
+                out = attacks.pgd_linf(classifier, x, yt, spec.eps, steps=spec.attack_steps, seed=seed)
+            else:
+                purifier = self.purifier(dataset, model)
+                out = attacks.pgd_eot_ddim_surrogate(
+                    classifier, purifier, self.diffusion, x, yt, spec.eps, t_star, steps=spec.attack_steps,
+                    eot=spec.eot, surrogate_steps=spec.surrogate_steps, seed=seed)
+        return Corrupted(quantize(out), spec, label_used, time.perf_counter() - start)
+
+    def purify_stream(self, dataset: str, x: torch.Tensor, spec: PurifySpec = PurifySpec(),
+                      clean: torch.Tensor | None = None, track_label: int | None = None,
+                      purifier: torch.nn.Module | None = None, guide_label: int | None = None,
+                      guidance_scale: float = 0.0) -> Iterator[Frame]:
+        """Purify x (1, C, H, W) and yield one :class:`Frame` per step (``steps + 1`` frames).
+
+        ``track_label`` is the class whose confidence each frame reports (default: the
+        classifier's prediction on ``clean``, else on x); ``clean`` is the reference for the
+        distance (default: x). ``guide_label`` applies classifier-free guidance (needs a
+        class-conditional ``purifier``).
+        """
+        check_dataset(dataset)
+        spec = spec.validated(self.num_timesteps, self.limits)
+        model = purifier if purifier is not None else self.purifier(dataset, spec.model)
+        classifier = self.classifier(dataset)
+        clean = x if clean is None else clean
+        if track_label is None:
+            track_label = int(self.probs(dataset, clean).argmax())
+        label = None if guide_label is None else torch.tensor([int(guide_label)])
+        start = time.perf_counter()
+        for step in purify(model, self.diffusion, x, spec.t_star, num_steps=spec.steps, method=spec.method,
+                           seed=spec.seed, label=label, guidance_scale=guidance_scale):
+            pred = step.pred_x0.clamp(0, 1)
+            conf = float(predict(classifier, pred)[0, track_label])
+            dist = float((pred - clean).pow(2).mean().sqrt())
+            yield Frame(step.index, step.num_steps, step.t, self.diffusion.noise_std(step.t), step.x_t.clamp(0, 1),
+                        pred, conf, dist, time.perf_counter() - start)
+
+    # ------------------------------------------------------------ whole runs
+    def run_key(self, dataset, x, y, corruption: CorruptionSpec, spec: PurifySpec) -> tuple:
+        return ("run", dataset, image_hash(x), y, corruption.key(), spec.model, spec.t_star, spec.steps,
+                spec.method, spec.seed)
+
+    def validate_request(self, dataset: str, y, corruption: CorruptionSpec, spec: PurifySpec):
+        """Every check of a run, before any work: returns (label index, corruption, spec)."""
+        check_dataset(dataset)
+        y = check_label(dataset, y)
+        corruption = corruption.validated(self.limits)
+        spec = spec.validated(self.num_timesteps, self.limits)
+        if not self.has_classifier(dataset):
+            raise CheckpointNotFoundError(f"{DATASET_TITLES[dataset]}: the classifier is not trained yet "
+                                          f"({checkpoint_name(dataset, 'classifier')} is missing)")
+        if spec.model not in self.available_models(dataset):
+            raise CheckpointNotFoundError(f"{DATASET_TITLES[dataset]}: the {spec.model} purifier is not trained yet "
+                                          f"({checkpoint_name(dataset, spec.model)} is missing)")
+        return y, corruption, spec
+
+    def run_stream(self, dataset: str, x: torch.Tensor, y=None, corruption: CorruptionSpec = CorruptionSpec(),
+                   spec: PurifySpec = PurifySpec()) -> Iterator[tuple[Frame, RunResult | None, bool]]:
+        """Corrupt then purify, yielding ``(frame, None, cached)`` per step and finally
+        ``(last frame, RunResult, cached)``. A request seen before is replayed from the cache."""
+        y, corruption, spec = self.validate_request(dataset, y, corruption, spec)
+        key = self.run_key(dataset, x, y, corruption, spec)
+        with self._cache_lock:
+            hit = self._cache.get(key)
+        if hit is not None:
+            for frame in hit.frames[:-1]:
+                yield frame, None, True
+            yield hit.frames[-1], hit, True
+            return
+        start = time.perf_counter()
+        corrupted = self.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star)
+        probs_clean = self.probs(dataset, x)
+        tracked = y if y is not None else int(probs_clean.argmax())
+        frames = []
+        for frame in self.purify_stream(dataset, corrupted.tensor, spec, clean=x, track_label=tracked):
+            frames.append(frame)
+            if not frame.final:
+                yield frame, None, False
+        result = RunResult(dataset, x, corrupted, spec, frames, probs_clean[0], self.probs(dataset, corrupted.tensor)[0],
+                           self.probs(dataset, frames[-1].x_t)[0], tracked, time.perf_counter() - start)
+        self._cached(key, lambda: result)
+        yield frames[-1], result, False
+
+    def run(self, dataset: str, x: torch.Tensor, y=None, corruption: CorruptionSpec = CorruptionSpec(),
+            spec: PurifySpec = PurifySpec()) -> RunResult:
+        result = None
+        for _, result, _ in self.run_stream(dataset, x, y, corruption, spec):
+            pass
+        return result
+
+    def compare(self, dataset: str, x: torch.Tensor, y=None, corruption: CorruptionSpec = CorruptionSpec(),
+                spec: PurifySpec = PurifySpec(), models: Sequence[str] = COMPARE_LABELS) -> Iterator[list[CompareRow]]:
+        """The same input, corruption and seed through each model; yields the growing table.
+
+        Adaptive corruptions are computed once, against ``spec.model``, and shared by every row.
+        """
+        for m in models:
+            parse_model_label(m)
+        y, corruption, spec = self.validate_request(dataset, y, corruption, spec)
+        corrupted = self.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star)
+        tracked = y if y is not None else int(self.probs(dataset, x).argmax())
+        dense_params = self.dense_parameters(dataset)
+        available = set(self.available_models(dataset))
+        rows: list[CompareRow] = []
+        for m in models:
+            if m not in available:
+                rows.append(CompareRow(m, False, note="not trained yet"))
+                yield list(rows)
+                continue
+            purifier = self.purifier(dataset, m)
+            mspec = replace(spec, model=m)
+            key = ("compare", self.run_key(dataset, x, y, corruption, mspec))
+            with self._cache_lock:
+                row = self._cache.get(key)
+            if row is None:
+                start = time.perf_counter()
+                last = None
+                for last in purify(purifier, self.diffusion, corrupted.tensor, mspec.t_star, num_steps=mspec.steps,
+                                   method=mspec.method, seed=mspec.seed):
+                    pass
+                seconds = time.perf_counter() - start
+                out = last.x_t.clamp(0, 1)
+                p = self.probs(dataset, out)[0]
+                name, conf = topk(dataset, p, 1)[0]
+                params = self.model_parameters(dataset, m)
+                row = CompareRow(m, True, out, name, conf, float(p[tracked]), params, dense_params / params, seconds)
+                self._cached(key, lambda: row)
+            rows.append(row)
+            yield list(rows)
+
+    # ------------------------------------------------------------------ learn
+    def tt_layer_names(self, dataset: str, model: str) -> list[str]:
+        return [name for name, _ in tt_layers(self.purifier(dataset, model))]
+
+    def layer_view(self, dataset: str, model: str, layer: str | None = None) -> dict:
+        """Cores of one TT layer, the kernel they rebuild, and the dense model's kernel there."""
+        layout, rank = parse_model_label(model)
+        if layout == "dense":
+            raise ValueError("pick a TT model (tt-r1..tt-r4 or authors-r3) to see its cores")
+        net = self.purifier(dataset, model)
+        layers = dict(tt_layers(net))
+        layer = layer or next(iter(layers))
+        if layer not in layers:
+            raise ValueError(f"{model} has no TT layer {layer!r}; it has {', '.join(layers)}")
+        tt: TTConv2d = layers[layer]
+        with torch.no_grad():
+            rebuilt = tt.full_kernel().float()
+        dense_kernel, rel_error = None, None
+        try:
+            dense = dict(self.purifier(dataset, "dense").named_modules())[layer]
+            dense_kernel = dense.weight.detach().float()
+            rel_error = float((rebuilt - dense_kernel).norm() / dense_kernel.norm())
+        except (CheckpointNotFoundError, KeyError, AttributeError):
+            pass
+        kh, kw = tt.kernel_size
+        return {
+            "layer": layer, "layout": tt.layout, "ranks": tt.ranks,
+            "shape": (tt.out_channels, tt.in_channels, kh, kw),
+            "cores": [c.detach().float() for c in tt.cores],
+            "rebuilt": rebuilt, "dense": dense_kernel, "relative_error": rel_error,
+            "tt_parameters": tt_param_count(tt.in_channels, tt.out_channels, (kh, kw), tt.ranks, tt.layout, bias=False),
+            "dense_parameters": dense_param_count(tt.in_channels, tt.out_channels, (kh, kw), bias=False),
+        }
+
+    def guidance_lesson(self, dataset: str, x: torch.Tensor, true_label: int, wrong_label: int | None = None,
+                        spec: PurifySpec = PurifySpec(model="dense"), guidance_scale: float = 3.0) -> dict:
+        """Purify x with a class-conditional purifier: no label, the true label, a wrong label.
+
+        Guiding with the true label leaks it into the defense (the prediction follows the
+        label, whatever the input); with a wrong label the same mechanism turns the image into
+        that class. Raises CheckpointNotFoundError when ``<dataset>_dense-cond`` is missing.
+        """
+        check_dataset(dataset)
+        true_label = check_label(dataset, true_label)
+        if true_label is None:
+            raise ValueError("the guidance lesson needs the true label; pick an example or set the label")
+        wrong_label = (true_label + 1) % 10 if wrong_label is None else check_label(dataset, wrong_label)
+        scale = _check_float("guidance scale", guidance_scale, 0.0, 20.0)
+        spec = replace(spec, model="dense").validated(self.num_timesteps, self.limits)
+        name = checkpoint_name(dataset, "dense-cond")
+        if name not in self.manifest_entries():
+            raise CheckpointNotFoundError(f"the class-conditional purifier {name} is not trained yet "
+                                          f"(python -m tendiff.train purifier --dataset {dataset} --conditional)")
+        cond = self._load(name)
+        out = {}
+        for key, label in (("no label", None), (f"true label {CLASS_NAMES[dataset][true_label]}", true_label),
+                           (f"wrong label {CLASS_NAMES[dataset][wrong_label]}", wrong_label)):
+            last = None
+            for last in self.purify_stream(dataset, x, spec, track_label=true_label, purifier=cond,
+                                           guide_label=label, guidance_scale=scale if label is not None else 0.0):
+                pass
+            out[key] = (last.x_t, self.predict_topk(dataset, last.x_t, 3))
+        return out
+
+
+def parameter_table(dataset: str, ranks: Sequence[int] = range(1, 9)) -> list[dict]:
+    """Whole-U-Net parameter counts for dense, the ``tt`` layout and the authors' layout."""
+    check_dataset(dataset)
+    dense = count_parameters(UNet(preset(dataset)))
+    rows = []
+    for r in ranks:
+        tt = count_parameters(UNet(preset(dataset, conv="tt", rank=r)))
+        au = count_parameters(UNet(preset(dataset, conv="authors", rank=r)))
+        rows.append({"rank": r, "dense": dense, "tt": tt, "authors": au})
+    return rows
+
+
+def gif_bytes(frames: Sequence[Frame], scale: int = 6, duration_ms: int = 150) -> bytes:
+    """An animated GIF of the purification: x_t | predicted x_0 side by side per step."""
+    images = []
+    for f in frames:
+        a, b = to_pil(f.x_t, scale).convert("RGB"), to_pil(f.pred_x0, scale).convert("RGB")
+        canvas = Image.new("RGB", (a.width * 2 + scale, a.height), (255, 255, 255))
+        canvas.paste(a, (0, 0))
+        canvas.paste(b, (a.width + scale, 0))
+        images.append(canvas)
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms,
+                   loop=0, disposal=1)
+    return buf.getvalue()
+
+
+def strip_image(frames: Sequence[Frame], max_frames: int = 11, scale: int = 3) -> Image.Image:
+    """Two rows (x_t on top, predicted x_0 below) of at most ``max_frames`` evenly chosen steps."""
+    n = len(frames)
+    idx = sorted(set(np.linspace(0, n - 1, min(n, max_frames)).round().astype(int).tolist()))
+    tiles = [(to_pil(frames[i].x_t, scale).convert("RGB"), to_pil(frames[i].pred_x0, scale).convert("RGB"))
+             for i in idx]
+    w, h = tiles[0][0].size
+    gap = 2 * scale
+    canvas = Image.new("RGB", (len(tiles) * (w + gap) - gap, 2 * h + gap), (255, 255, 255))
+    for k, (a, b) in enumerate(tiles):
+        canvas.paste(a, (k * (w + gap), 0))
+        canvas.paste(b, (k * (w + gap), h + gap))
+    return canvas
