@@ -23,14 +23,13 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from . import attacks
 from .checkpoints import CheckpointNotFoundError, checkpoint_name, load_model, read_manifest
@@ -136,7 +135,7 @@ def check_label(dataset: str, label: Any) -> int | None:
 @dataclass(frozen=True)
 class CorruptionSpec:
     kind: str = "gaussian"
-    sigma: float = 0.3
+    sigma: float = 0.15
     p: float = 0.1
     eps: float = 0.2
     attack_steps: int = 10
@@ -427,7 +426,7 @@ class Studio:
     def __init__(self, limits: Limits = Limits(), cache_size: int = 64):
         self.limits = limits
         self.diffusion = GaussianDiffusion()
-        self._models: dict[str, torch.nn.Module] = {}
+        self._models: dict[str, tuple[str | None, torch.nn.Module]] = {}
         self._load_lock = threading.Lock()
         self._cache_lock = threading.Lock()
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
@@ -461,21 +460,30 @@ class Studio:
         if not self.has_classifier(dataset) or not models:
             missing = "classifier and purifiers" if not self.has_classifier(dataset) and not models else (
                 "classifier" if not self.has_classifier(dataset) else "purifiers")
-            return (f"{title}: the {missing} are not trained yet, so this dataset can only be browsed. "
-                    "Pick MNIST or Fashion-MNIST to run the demo.")
+            ready = [DATASET_TITLES[d] for d in DATASETS
+                     if d != dataset and self.has_classifier(d) and self.available_models(d)]
+            return (f"{title}: the {missing} are not trained yet, so this dataset can only be browsed (examples "
+                    "and uploads work; corrupting and purifying need the checkpoints). "
+                    + (f"Ready to run: {', '.join(ready)}." if ready else "No dataset is trained yet."))
         return f"{title}: classifier and purifiers {', '.join(models)} ready."
 
+    def _sha(self, name: str) -> str | None:
+        return self.manifest_entries().get(name, {}).get("sha256")
+
     def _load(self, name: str) -> torch.nn.Module:
+        """The model of checkpoint ``name``, loaded once; reloaded when the manifest's hash changes
+        (a checkpoint retrained while the app runs)."""
+        sha = self._sha(name)
         with self._load_lock:
-            model = self._models.get(name)
-            if model is None:
+            cached = self._models.get(name)
+            if cached is None or cached[0] != sha:
                 try:
                     model = load_model(name)
                 except CheckpointNotFoundError as exc:
                     raise CheckpointNotFoundError(f"not trained yet: {exc}") from None
                 model.requires_grad_(False).eval()
-                self._models[name] = model
-            return model
+                cached = self._models[name] = (sha, model)
+            return cached[1]
 
     def classifier(self, dataset: str) -> torch.nn.Module:
         return self._load(checkpoint_name(check_dataset(dataset), "classifier"))
@@ -531,7 +539,8 @@ class Studio:
             parse_model_label(model)
             t_star = _check_int("t*", t_star, 1, self.num_timesteps)
         key = ("corrupt", dataset, image_hash(x), y, spec.key(), seed,
-               (model, t_star) if spec.kind == "adaptive" else None)
+               (model, t_star, self._sha(checkpoint_name(dataset, model))) if spec.kind == "adaptive" else None,
+               self._sha(checkpoint_name(dataset, "classifier")) if spec.kind in ("pgd_linf", "adaptive") else None)
         value, _ = self._cached(key, lambda: self._corrupt(dataset, spec, x, y, seed, model, t_star))
         return value
 
@@ -588,8 +597,10 @@ class Studio:
 
     # ------------------------------------------------------------ whole runs
     def run_key(self, dataset, x, y, corruption: CorruptionSpec, spec: PurifySpec) -> tuple:
+        # The checkpoints' hashes are part of the key: a retrained model never replays old results.
+        shas = (self._sha(checkpoint_name(dataset, "classifier")), self._sha(checkpoint_name(dataset, spec.model)))
         return ("run", dataset, image_hash(x), y, corruption.key(), spec.model, spec.t_star, spec.steps,
-                spec.method, spec.seed)
+                spec.method, spec.seed, shas)
 
     def validate_request(self, dataset: str, y, corruption: CorruptionSpec, spec: PurifySpec):
         """Every check of a run, before any work: returns (label index, corruption, spec)."""

@@ -5,10 +5,14 @@ class label, for classifier-free guidance) to a tensor of the same shape. Everyt
 :class:`UNetConfig`, which checkpoints store next to the weights.
 
 Design choices that keep the TT rank visible in the parameter count and the floor low on CPU:
-skips are *added* (not concatenated), so no 1x1 channel-mixing convs are needed; there is no
-attention; the time embedding is narrow (``time_dim``). Every 3x3 conv with at least
+every TT conv sits inside a residual branch, so a rank-R kernel only ever *adds* a rank-R update
+to a full-width residual stream and never becomes a bottleneck of the signal path; resampling is
+parameter-free (2x2 average pooling down, nearest-neighbour up) and skips are *added*, so no
+channel-mixing convs are needed when the width is the same at every level (the presets); there
+is no attention; the time embedding is narrow (``time_dim``). Every 3x3 conv with at least
 ``MIN_TT_CHANNELS`` channels on both sides is a TT conv when ``conv`` is ``tt`` or ``authors``;
-the 1-or-3-channel stem and head stay dense (a TT gains nothing there).
+the 1-or-3-channel stem and head stay dense (a TT gains nothing there). Levels of different
+widths are joined by dense 1x1 convs.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ CONV_KINDS = ("dense",) + LAYOUTS
 class UNetConfig:
     in_channels: int = 1
     image_size: int = 28
-    channels: tuple[int, ...] = (32, 64, 64)  # width at each resolution (28, 14, 7 for MNIST)
+    channels: tuple[int, ...] = (48, 48, 48)  # width at each resolution (28, 14, 7 for MNIST)
     time_dim: int = 32
     num_classes: int = 0  # > 0: class-conditional, with one extra "no label" index for CFG
     groups: int = 8  # GroupNorm groups
@@ -60,10 +64,10 @@ class UNetConfig:
         return "dense" if self.conv == "dense" else f"{self.conv}-r{self.rank}"
 
 
-def _conv(cfg: UNetConfig, cin: int, cout: int, stride: int = 1) -> nn.Module:
-    dense = nn.Conv2d(cin, cout, 3, stride, 1)
+def _conv(cfg: UNetConfig, cin: int, cout: int) -> nn.Module:
+    dense = nn.Conv2d(cin, cout, 3, 1, 1)
     if cfg.conv != "dense" and is_tensorizable(dense, MIN_TT_CHANNELS):
-        return TTConv2d(cin, cout, 3, stride, 1, rank=cfg.rank, layout=cfg.conv, mode=cfg.mode)
+        return TTConv2d(cin, cout, 3, 1, 1, rank=cfg.rank, layout=cfg.conv, mode=cfg.mode)
     return dense
 
 
@@ -91,6 +95,10 @@ class ResBlock(nn.Module):
         return x + h
 
 
+def _resize_channels(cin: int, cout: int) -> nn.Module:
+    return nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -100,9 +108,9 @@ class UNet(nn.Module):
         self.label_embed = nn.Embedding(cfg.num_classes + 1, cfg.time_dim) if cfg.num_classes else None
         self.stem = nn.Conv2d(cfg.in_channels, ch[0], 3, 1, 1)
         self.enc = nn.ModuleList([ResBlock(cfg, c) for c in ch[:-1]])
-        self.down = nn.ModuleList([_conv(cfg, a, b, stride=2) for a, b in zip(ch[:-1], ch[1:])])
+        self.down = nn.ModuleList([_resize_channels(a, b) for a, b in zip(ch[:-1], ch[1:])])
         self.mid = ResBlock(cfg, ch[-1])
-        self.up = nn.ModuleList([_conv(cfg, b, a) for a, b in zip(ch[:-1], ch[1:])])
+        self.up = nn.ModuleList([_resize_channels(b, a) for a, b in zip(ch[:-1], ch[1:])])
         self.dec = nn.ModuleList([ResBlock(cfg, c) for c in ch[:-1]])
         self.head_norm = nn.GroupNorm(cfg.groups, ch[0])
         self.head = nn.Conv2d(ch[0], cfg.in_channels, 3, 1, 1)
@@ -130,7 +138,7 @@ class UNet(nn.Module):
         for block, down in zip(self.enc, self.down):
             h = block(h, temb)
             skips.append(h)
-            h = down(h)
+            h = down(F.avg_pool2d(h, 2))
         h = self.mid(h, temb)
         for i in reversed(range(len(self.up))):
             h = self.up[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
@@ -151,9 +159,9 @@ def unet_from_dense(dense: UNet, rank, layout: str = "tt", mode: str = "auto") -
 
 
 PRESETS: dict[str, UNetConfig] = {
-    "mnist": UNetConfig(in_channels=1, image_size=28, channels=(32, 64, 64)),
-    "fashion_mnist": UNetConfig(in_channels=1, image_size=28, channels=(32, 64, 64)),
-    "cifar10": UNetConfig(in_channels=3, image_size=32, channels=(32, 64, 64)),  # CPU-trainable width
+    "mnist": UNetConfig(in_channels=1, image_size=28, channels=(48, 48, 48)),
+    "fashion_mnist": UNetConfig(in_channels=1, image_size=28, channels=(48, 48, 48)),
+    "cifar10": UNetConfig(in_channels=3, image_size=32, channels=(48, 48, 48)),
 }
 
 

@@ -1,0 +1,367 @@
+"""The Studio pipeline (tendiff.pipeline) and the app (app.py) driven through gradio_client.
+
+Fast tests cover upload handling and parameter validation and need no checkpoint. Tests marked
+``slow`` launch the app on a free port and call every named endpoint with gradio_client; they
+skip, with the reason, when the MNIST checkpoints they need are not in the manifest.
+"""
+from __future__ import annotations
+
+import io
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tendiff.checkpoints import checkpoint_name, read_manifest  # noqa: E402
+from tendiff.pipeline import (COMPARE_LABELS, CorruptionSpec, Limits, PurifySpec, Studio, check_label,  # noqa: E402
+                              parse_model_label, prepare_image, quantize)
+
+ASSETS = ROOT / "assets"
+NEEDED = ["classifier", "tt-r2"]
+
+
+def missing_checkpoints(dataset: str = "mnist", models=NEEDED) -> list[str]:
+    listed = read_manifest()["checkpoints"]
+    return [checkpoint_name(dataset, m) for m in models if checkpoint_name(dataset, m) not in listed]
+
+
+needs_mnist = pytest.mark.skipif(bool(missing_checkpoints()),
+                                 reason=f"MNIST checkpoints not trained yet: {missing_checkpoints()}")
+
+
+def png_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=kw.pop("format", "PNG"), **kw)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------- uploads
+def test_examples_are_small_labelled_pngs():
+    for ds, n in (("mnist", 20), ("fashion_mnist", 20), ("cifar10", 20)):
+        files = sorted(ASSETS.glob(f"{ds}_*.png"))
+        assert len(files) == n, ds
+        for f in files:
+            assert re.fullmatch(rf"{ds}_\d_\d\.png", f.name)
+            assert f.stat().st_size < 8_000
+            prepared = prepare_image(f, ds)
+            assert "unchanged" in prepared.message and not prepared.inverted
+
+
+def test_prepare_converts_any_image_to_the_dataset_shape():
+    photo = Image.new("RGB", (640, 480), (240, 240, 240))
+    photo.paste((20, 20, 20), (300, 200, 340, 280))  # a dark object on a light background
+    out = prepare_image(png_bytes(photo), "mnist")
+    assert out.tensor.shape == (1, 1, 28, 28) and out.inverted
+    assert 0 <= out.tensor.min() and out.tensor.max() <= 1
+    assert "inverted" in out.message and "cropped" in out.message and "grayscale" in out.message
+    assert out.tensor[0, 0, 0, 0] < 0.1 and out.tensor[0, 0, 14, 14] > 0.8  # now light on black
+    rgb = prepare_image(photo, "cifar10")
+    assert rgb.tensor.shape == (1, 3, 32, 32) and not rgb.inverted  # colour images are never inverted
+
+
+def test_nearest_enlarged_image_comes_back_exactly():
+    x = prepare_image(ASSETS / "mnist_3_0.png", "mnist").tensor
+    from tendiff.pipeline import to_pil
+    big = to_pil(x, 8)
+    assert big.size == (224, 224)
+    assert torch.equal(prepare_image(png_bytes(big), "mnist").tensor, x)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: b"this is not an image", "not an image"),
+    (lambda: png_bytes(Image.new("L", (5000, 20))), "limit is 4096"),
+    (lambda: png_bytes(Image.new("L", (4, 4))), "too small"),
+    (lambda: png_bytes(Image.new("RGBA", (40, 40), (255, 0, 0, 0))), "transparent"),
+    (lambda: png_bytes(Image.fromarray(np.full((40, 40), 40000, np.uint16))), "16-bit"),
+    (lambda: png_bytes(Image.new("L", (40, 40)), format="GIF", save_all=True,
+                       append_images=[Image.new("L", (40, 40), 255)]), "animated"),
+    (lambda: b"\x89PNG" + b"0" * (11 * 2 ** 20), "limit is 10 MB"),
+])
+def test_bad_uploads_get_a_clear_message(make, message):
+    with pytest.raises(ValueError, match=message):
+        prepare_image(make(), "mnist")
+
+
+def test_opaque_alpha_is_accepted():
+    out = prepare_image(png_bytes(Image.new("RGBA", (28, 28), (0, 0, 0, 255))), "mnist")
+    assert out.tensor.shape == (1, 1, 28, 28)
+
+
+# ---------------------------------------------------------------------- validation
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(t_star=0), r"t\* must be in 1..1000"),
+    (dict(t_star=1001), r"t\* must be in 1..1000"),
+    (dict(steps=0), "reverse steps must be in 1..100"),
+    (dict(steps=10 ** 6), "reverse steps must be in 1..100"),
+    (dict(t_star=5, steps=10), "reverse steps must be in 1..5"),
+    (dict(model="tt-r5"), "rank must be in 1..4"),
+    (dict(model="tt-r0"), "rank must be in 1..4"),
+    (dict(model="big"), "unknown model"),
+    (dict(method="euler"), "unknown method"),
+    (dict(seed=-1), "seed must be in"),
+    (dict(steps=2.5), "integer"),
+    (dict(t_star=float("nan")), "integer"),
+])
+def test_purify_spec_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PurifySpec(**kwargs).validated(1000)
+
+
+def test_one_step_ignores_the_step_count():
+    assert PurifySpec(method="one-step", steps=10 ** 6).validated(1000).steps == 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kind="gaussian", sigma=-0.1), "sigma"),
+    (dict(kind="salt_pepper", p=1.5), "p must be"),
+    (dict(kind="pgd_linf", eps=1.5), "eps must be"),
+    (dict(kind="pgd_linf", attack_steps=0), "attack steps"),
+    (dict(kind="pgd_linf", attack_steps=10 ** 6), "attack steps must be in 1..40"),
+    (dict(kind="adaptive", attack_steps=20), "attack steps must be in 1..10"),
+    (dict(kind="adaptive", eot=100), "EOT"),
+    (dict(kind="blur"), "unknown corruption"),
+])
+def test_corruption_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CorruptionSpec(**kwargs).validated(Limits())
+
+
+def test_labels_and_models():
+    assert parse_model_label("dense") == ("dense", None)
+    assert parse_model_label("authors-r3") == ("authors", 3)
+    assert check_label("mnist", "7") == 7 and check_label("fashion_mnist", "Sneaker") == 7
+    assert check_label("mnist", "unknown (use the classifier's prediction)") is None
+    with pytest.raises(ValueError):
+        check_label("mnist", 10)
+
+
+def test_validation_happens_before_any_work(monkeypatch):
+    studio = Studio()
+    monkeypatch.setattr(studio, "_load", lambda name: pytest.fail("loaded a model for an invalid request"))
+    x = torch.zeros(1, 1, 28, 28)
+    for bad in (dict(dataset="svhn"), dict(spec=PurifySpec(steps=0)), dict(corruption=CorruptionSpec(sigma=-1)),
+                dict(y=12)):
+        args = dict(dataset="mnist", x=x, y=None, corruption=CorruptionSpec(), spec=PurifySpec()) | bad
+        with pytest.raises(ValueError):
+            next(studio.run_stream(**args))
+    with pytest.raises(ValueError, match="unknown corruption parameter"):
+        studio.corrupt("mnist", "gaussian", x, params={"sigmaa": 0.1})
+
+
+def test_cifar10_without_checkpoints_says_so():
+    studio = Studio()
+    if studio.has_classifier("cifar10"):
+        pytest.skip("CIFAR-10 is trained here")
+    assert "not trained yet" in studio.status("cifar10")
+    with pytest.raises(FileNotFoundError, match="not trained yet"):
+        studio.validate_request("cifar10", None, CorruptionSpec(), PurifySpec())
+
+
+# --------------------------------------------------------------------- pipeline
+@needs_mnist
+def test_pipeline_streams_every_step_and_caches():
+    studio = Studio()
+    x = prepare_image(ASSETS / "mnist_7_0.png", "mnist").tensor
+    spec = PurifySpec(seed=123)
+    events = list(studio.run_stream("mnist", x, 7, CorruptionSpec("gaussian"), spec))
+    assert [f.index for f, _, _ in events] == list(range(11)) and not events[0][2]
+    result = events[-1][1]
+    assert result.purified.shape == x.shape and result.probs_purified.shape == (10,)
+    assert torch.equal(result.corrupted.tensor, quantize(result.corrupted.tensor))
+    again = list(studio.run_stream("mnist", x, 7, CorruptionSpec("gaussian"), spec))
+    assert len(again) == 11 and all(cached for _, _, cached in again)
+    assert torch.equal(again[-1][1].purified, result.purified)
+
+
+@needs_mnist
+def test_default_request_is_fast():
+    torch.set_num_threads(1)
+    studio = Studio()
+    x = prepare_image(ASSETS / "mnist_7_0.png", "mnist").tensor
+    studio.run("mnist", x, 7, CorruptionSpec("gaussian"), PurifySpec(seed=1))  # load the models
+    start = time.perf_counter()
+    studio.run("mnist", x, 7, CorruptionSpec("gaussian"), PurifySpec())
+    assert time.perf_counter() - start < 1.0  # leaves the app ~1 s for streaming the frames
+
+
+# --------------------------------------------------------------------- the app
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def client():
+    if missing_checkpoints():
+        pytest.skip(f"MNIST checkpoints not trained yet: {missing_checkpoints()}")
+    import app
+    from gradio_client import Client
+
+    port = free_port()
+    app.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                    **app.launch_kwargs())
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    finally:
+        app.demo.close()
+
+
+def image_size(path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size
+
+
+def run_args(seed=0, kind="gaussian", model="tt-r2", t_star=100, label="7", image="mnist_7_0.png"):
+    from gradio_client import handle_file
+    return ["mnist", handle_file(str(ASSETS / image)), label, kind, 0.3, 0.1, 0.2, 5, 1, 2, seed, model, t_star]
+
+
+EXPECTED_ENDPOINTS = {"/prepare", "/corrupt", "/purify", "/compare", "/learn_layer", "/learn_params",
+                      "/learn_schedule", "/guidance"}
+
+
+@pytest.mark.slow
+def test_named_endpoints(client):
+    api = client.view_api(return_format="dict", print_info=False)
+    assert set(api["named_endpoints"]) == EXPECTED_ENDPOINTS
+    assert not (ROOT / "app.pyi").exists()  # no Gradio stub written next to the app
+
+
+@pytest.mark.slow
+def test_prepare_endpoint(client):
+    from gradio_client import handle_file
+    seen, message = client.predict("mnist", handle_file(str(ASSETS / "mnist_3_0.png")), api_name="/prepare")
+    assert image_size(seen) == (224, 224) and "28x28 gray" in message
+    seen, message = client.predict("cifar10", handle_file(str(ASSETS / "cifar10_3_0.png")), api_name="/prepare")
+    assert image_size(seen) == (224, 224) and "32x32 RGB" in message
+
+
+@pytest.mark.slow
+def test_bad_upload_gets_a_message_and_the_app_keeps_working(client, tmp_path):
+    from gradio_client import handle_file
+    clear = tmp_path / "clear.png"
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(clear)
+    with pytest.raises(Exception, match="transparent"):
+        client.predict("mnist", handle_file(str(clear)), api_name="/prepare")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image at all")
+    with pytest.raises(Exception, match="could not be read as an image|not an image"):
+        client.predict("mnist", handle_file(str(text)), api_name="/prepare")
+    seen, _ = client.predict("mnist", handle_file(str(ASSETS / "mnist_3_0.png")), api_name="/prepare")
+    assert image_size(seen) == (224, 224)
+
+
+@pytest.mark.slow
+def test_corrupt_endpoint_states_the_threat_model(client):
+    out, clean, corrupted, threat = client.predict(*run_args(kind="pgd_linf"), api_name="/corrupt")
+    assert image_size(out) == (224, 224)
+    assert len(clean["confidences"]) == 3 and len(corrupted["confidences"]) == 3
+    assert "sees only the classifier" in threat
+    _, _, _, threat = client.predict(*run_args(kind="gaussian"), api_name="/corrupt")
+    assert "no attacker" in threat
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, steps, frames", [("ddim", 10, 11), ("ddpm", 4, 5), ("one-step", 10, 2)])
+def test_purify_streams_one_update_per_step(client, method, steps, frames):
+    for repeat in range(2):  # the second run is replayed from the cache, with the same frames
+        job = client.submit(*run_args(seed=7), method, steps, api_name="/purify")
+        final = job.result()
+        outputs = job.outputs()
+        assert len(outputs) == frames, (repeat, [o[2] for o in outputs])
+        assert [o[2].split(" ·")[0] for o in outputs[:-1]] == [f"Step {i}/{frames - 1}" for i in range(frames - 1)]
+        x_t, x0, summary, corrupted, clean, attacked, purified, plot, strip, gif = final
+        assert summary.startswith("Done") and ("cached" in summary) == (repeat == 1)
+        assert image_size(x_t) == image_size(x0) == image_size(corrupted) == (224, 224)
+        for lab in (clean, attacked, purified):
+            assert len(lab["confidences"]) == 3
+        assert len(plot["data"]) == 2 * frames
+        assert image_size(strip)[1] == 2 * 84 + 6
+        with Image.open(gif) as im:
+            assert im.n_frames == frames
+
+
+@pytest.mark.slow
+def test_adaptive_attack_goes_through_the_purifier(client):
+    args = run_args(seed=11, kind="adaptive")
+    args[7:10] = [1, 1, 1]  # attack steps, EOT samples, surrogate steps: the cheapest adaptive attack
+    _, _, _, threat = client.predict(*args, api_name="/corrupt")
+    assert "sees the purifier" in threat and "= 2 purifier-and-classifier forward/backward passes" in threat
+    job = client.submit(*args, "ddim", 4, api_name="/purify")
+    final = job.result()
+    outputs = job.outputs()
+    assert outputs[0][2].startswith("Running the adaptive attack first")
+    assert len(outputs) == 1 + 5 and final[2].startswith("Done")
+
+
+@pytest.mark.slow
+def test_default_click_is_under_two_seconds(client):
+    job = client.submit(*run_args(seed=0), "ddim", 10, api_name="/purify")
+    summary = job.result()[2]
+    seconds = float(re.search(r"in ([\d.]+) s", summary).group(1))
+    assert seconds < 2.0, summary
+
+
+@pytest.mark.slow
+def test_purify_rejects_bad_parameters(client):
+    # Out-of-range slider values are refused by Gradio itself, the rest by the pipeline.
+    for bad, steps, message in ((dict(t_star=0), 10, r"t\*|minimum value"),
+                                (dict(t_star=10), 20, r"reverse steps must be in 1..10"),
+                                (dict(model="tt-r9"), 10, "rank|not in the list of choices"),
+                                (dict(), 10 ** 6, "reverse steps|maximum value")):
+        with pytest.raises(Exception, match=message):
+            client.predict(*run_args(**bad), "ddim", steps, api_name="/purify")
+    assert client.predict(*run_args(), "ddim", 10, api_name="/purify")[2].startswith("Done")
+
+
+@pytest.mark.slow
+def test_compare_endpoint(client):
+    gallery, table, status = client.predict(*run_args(seed=3), "ddim", 5, api_name="/compare")
+    assert [row[0] for row in table["data"]] == list(COMPARE_LABELS)
+    available = [row for row in table["data"] if row[1] != "not trained yet"]
+    assert len(gallery) == len(available) >= 1
+    for row in available:
+        assert 0 <= row[2] <= 1 and row[4] > 0 and row[5] > 0 and row[6] > 0
+    assert f"{len(COMPARE_LABELS)} model(s) done" in status
+
+
+@pytest.mark.slow
+def test_learn_endpoints(client):
+    model, layer, plot, text = client.predict("mnist", "tt-r2", "", api_name="/learn_layer")
+    assert "TT cores" in text and plot is not None
+    text, params = client.predict("mnist", 3, api_name="/learn_params")
+    assert "R = 3" in text and len(params["data"]) == 3 * 8
+    plot, text = client.predict(250, api_name="/learn_schedule")
+    assert "t* = 250" in text and plot is not None
+
+
+@pytest.mark.slow
+def test_guidance_endpoint(client):
+    gallery, text = client.predict(*run_args()[:3], 100, 0, api_name="/guidance")
+    if missing_checkpoints(models=["dense-cond"]):
+        assert "Not trained yet" in text and gallery == []
+    else:
+        assert len(gallery) == 3 and "true" in text
+
+
+@pytest.mark.slow
+def test_the_documented_api_example_runs(client):
+    """The gradio_client example in app.py's docstring (and on the API tab) runs as written."""
+    import app
+    code = app.API_DOC.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('Client("http://127.0.0.1:7860/")', "Client(URL, verbose=False)")
+    code = code.replace('handle_file("assets/', f'handle_file("{ASSETS}/')
+    scope = {"URL": client.src}
+    exec(compile(code, "API_DOC", "exec"), scope)
+    assert scope["final"][2].startswith("Done") and len(scope["frames"]) == 11
+    assert len(scope["table"]["data"]) == len(COMPARE_LABELS) and "sees only the classifier" in scope["threat"]

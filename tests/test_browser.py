@@ -1,0 +1,246 @@
+"""Drive the Studio page in headless Chromium through Playwright and save screenshots.
+
+    python -m pytest -m browser tests/test_browser.py
+    TENDIFF_SCREENSHOTS=docs/screenshots python -m pytest -m browser tests/test_browser.py  # refresh docs
+
+Needs ``pip install playwright`` and a Chromium (``apt-get install chromium``; no browser download
+is attempted). Skips only when those are missing or the MNIST checkpoints are not trained yet.
+Screenshots go to ``$TENDIFF_SCREENSHOTS`` (default ``docs/_screens_tmp/``, ignored by git).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tendiff.checkpoints import checkpoint_name, read_manifest  # noqa: E402
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = os.environ.get("TENDIFF_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+SHOTS = Path(os.environ.get("TENDIFF_SCREENSHOTS", ROOT / "docs" / "_screens_tmp"))
+if not SHOTS.is_absolute():
+    SHOTS = ROOT / SHOTS
+
+
+def missing() -> list[str]:
+    listed = read_manifest()["checkpoints"]
+    return [checkpoint_name("mnist", m) for m in ("classifier", "tt-r2") if checkpoint_name("mnist", m) not in listed]
+
+
+@pytest.fixture(scope="module")
+def server():
+    if missing():
+        pytest.skip(f"MNIST checkpoints not trained yet: {missing()}")
+    import app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                    **app.launch_kwargs())
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app.demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    with playwright.sync_playwright() as p:
+        try:
+            b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        except Exception as exc:  # a Chromium that cannot start here
+            pytest.skip(f"Chromium cannot start: {exc}")
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(server)
+    page.wait_for_selector("#model-view img")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    yield page
+    page.close()
+
+
+def shot(page, name: str, full_page: bool = True, close_toasts: bool = True) -> Path:
+    # every image loaded, no stale error toast
+    page.wait_for_function("[...document.images].filter(i => i.getBoundingClientRect().width > 0)"
+                           ".every(i => i.complete && (i.naturalWidth > 0 || !i.src))")
+    if not close_toasts:
+        time.sleep(0.8)  # let the toast finish flying in
+    if close_toasts:
+        for close in page.locator("[data-testid=toast-close]").all():
+            if close.is_visible():
+                close.click()
+        page.wait_for_function("!document.querySelector('[data-testid=toast-body]')", timeout=15_000)
+    path = SHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=full_page)
+    with Image.open(path) as im:
+        assert im.width >= 1000 and im.height >= 600
+    return path
+
+
+def text(page, selector: str) -> str:
+    return page.locator(selector).first.inner_text()
+
+
+def set_slider(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+    page.wait_for_function(f"document.querySelector('#{elem_id} input[type=range]').value == '{value}'")
+
+
+def run_purify(page, timeout: float = 30.0) -> tuple[float, list[str]]:
+    """Click Purify, watch the progress line, return (seconds to the final result, steps seen)."""
+    before = text(page, "#progress")
+    start = time.perf_counter()
+    page.click("#purify-btn")
+    seen: list[str] = []
+    while time.perf_counter() - start < timeout:
+        t = text(page, "#progress")
+        if t != before and (not seen or seen[-1] != t):
+            seen.append(t)
+        if t.startswith("Done") and t != before:
+            return time.perf_counter() - start, seen
+        time.sleep(0.02)
+    raise AssertionError(f"no final result after {timeout} s; saw {seen}")
+
+
+def test_default_click_streams_and_finishes_under_two_seconds(page):
+    seconds, seen = run_purify(page)
+    steps = [s for s in seen if s.startswith("Step")]
+    assert len(steps) >= 3, f"the steps did not stream: {seen}"  # frames arrive one by one
+    assert seconds < 2.0, f"default click took {seconds:.2f} s"
+    page.wait_for_selector("#pred-purified .output-class, #pred-purified [data-testid=label-output-value]")
+    page.wait_for_selector("#strip img")
+    shot(page, "01_default_run")
+
+
+def test_pick_example(page):
+    page.click("#examples button[aria-label='Thumbnail 4 of 20']")  # the first "3" (row 1: one per class)
+    page.wait_for_function("document.querySelector('#true-label input').value === '3'")
+    page.wait_for_function("document.querySelector('#prepare-message').innerText.includes('28x28 gray')")
+    src = page.locator("#input-image img").first.get_attribute("src")
+    assert "mnist_3_0" in src
+    shot(page, "02_pick_example")
+
+
+def test_bad_upload_shows_a_message_and_the_app_keeps_working(page, tmp_path):
+    clear = tmp_path / "transparent.png"
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(clear)
+    page.click("#input-image button[aria-label='Clear']") if page.locator(
+        "#input-image button[aria-label='Clear']").count() else None
+    page.locator("#input-image input[type=file]").set_input_files(str(clear))
+    page.wait_for_selector("text=transparent pixels")
+    shot(page, "03_bad_upload", full_page=False, close_toasts=False)
+    page.click("#examples button[aria-label='Thumbnail 4 of 20']")
+    page.wait_for_function("document.querySelector('#input-image img')?.src.includes('mnist_3_0')")
+    page.wait_for_function("document.querySelector('#prepare-message').innerText.includes('unchanged')")
+
+
+def test_corrupt_with_pgd_states_the_threat_model(page):
+    page.click("#corruption label:has-text('PGD L-inf')")
+    page.wait_for_selector("#threat-line:has-text('the attack sees only the classifier')")
+    before = page.locator("#corrupted img").first.get_attribute("src")
+    page.click("#corrupt-btn")
+    page.wait_for_function(f"document.querySelector('#corrupted img')?.src !== {before!r}")
+    shot(page, "04_corrupt_pgd")
+    page.click("#corruption label:has-text('Adaptive')")
+    page.wait_for_selector("#threat-line:has-text('the attack sees the purifier')")
+    assert "forward/backward passes" in text(page, "#threat-line")
+    page.click("#corruption label:has-text('Gaussian')")
+    page.wait_for_selector("#threat-line:has-text('no attacker')")
+
+
+def test_purify_streams_steps_and_offers_a_gif(page):
+    set_slider(page, "steps", 20)
+    seconds, seen = run_purify(page)
+    steps = {re.match(r"Step (\d+)/20", s).group(1) for s in seen if s.startswith("Step")}
+    assert len(steps) >= 5, seen
+    assert re.match(r"Done: 20 ddim step", seen[-1])
+    page.wait_for_selector("#gif a, #gif .file-preview")
+    assert ".gif" in text(page, "#gif")
+    shot(page, "05_purify")
+
+
+def test_stop_button_cancels_a_long_run(page):
+    page.click("#method label:has-text('ddpm')")
+    set_slider(page, "t-star", 400)
+    set_slider(page, "steps", 100)
+    page.click("#purify-btn")
+    page.wait_for_function("document.querySelector('#progress').innerText.startsWith('Step')")
+    page.click("#stop-btn")
+    time.sleep(3)
+    assert not text(page, "#progress").startswith("Done"), "the run was not stopped"
+    # the app keeps working: a short run afterwards completes
+    set_slider(page, "t-star", 100)
+    set_slider(page, "steps", 10)
+    page.click("#method label:has-text('ddim')")
+    seconds, seen = run_purify(page)
+    assert seen[-1].startswith("Done")
+
+
+def test_cifar10_says_it_is_not_trained_yet(page):
+    if checkpoint_name("cifar10", "classifier") in read_manifest()["checkpoints"]:
+        pytest.skip("CIFAR-10 is trained here")
+    page.click("#dataset label:has-text('CIFAR-10')")
+    page.wait_for_selector("#status-line:has-text('not trained yet')")
+    page.wait_for_function("document.querySelector('#prepare-message').innerText.includes('32x32 RGB')")
+    page.click("#examples button[aria-label='Thumbnail 4 of 20']")  # a cat
+    page.wait_for_function("document.querySelector('#true-label input').value === 'cat'")
+    page.click("#purify-btn")
+    page.wait_for_selector("text=is not trained yet")
+    shot(page, "09_cifar10_not_trained", full_page=False, close_toasts=False)
+    page.click("#dataset [data-testid='MNIST-radio-label']")
+    page.wait_for_selector("#status-line:has-text('ready')")
+    page.wait_for_function("document.querySelector('#prepare-message').innerText.includes('28x28 gray')")
+
+
+def test_compare_ranks(page):
+    page.click("#examples button[aria-label='Thumbnail 7 of 20']")  # the default "6"
+    page.wait_for_function("document.querySelector('#true-label input').value === '6'")
+    page.click("button[role=tab]:has-text('Compare ranks')")
+    page.click("#compare-btn")
+    page.wait_for_selector("#compare-status:has-text('5 model(s) done')", timeout=120_000)
+    table = text(page, "#compare-table")
+    for model in ("dense", "tt-r1", "tt-r2", "tt-r3", "tt-r4"):
+        assert model in table
+    assert page.locator("#compare-gallery img").count() >= 1
+    shot(page, "06_compare_ranks")
+
+
+def test_learn_view(page):
+    page.click("button[role=tab]:has-text('Learn')")
+    page.click("#learn-btn")
+    page.wait_for_selector("text=dense weights; TT cores")
+    page.wait_for_selector("#schedule-plot img, #schedule-plot svg, #schedule-plot canvas")
+    page.click("#guide-btn")
+    page.wait_for_function("document.querySelector('#guide-text').innerText.match(/true label|Not trained yet/)")
+    shot(page, "07_learn")
+
+
+def test_api_view(page):
+    page.click("button[role=tab]:has-text('API')")
+    page.wait_for_selector("text=gradio_client")
+    shot(page, "08_api", full_page=False)
