@@ -162,9 +162,11 @@ def test_bad_upload_shows_a_message_and_the_app_keeps_working(page, tmp_path):
 def test_corrupt_with_pgd_states_the_threat_model(page):
     page.click("#corruption label:has-text('PGD L-inf')")
     page.wait_for_selector("#threat-line:has-text('the attack sees only the classifier')")
-    before = page.locator("#corrupted img").first.get_attribute("src")
+    before = page.evaluate("document.querySelector('#corrupted img')?.src || ''")
     page.click("#corrupt-btn")
-    page.wait_for_function(f"document.querySelector('#corrupted img')?.src !== {before!r}")
+    page.wait_for_function(f"(document.querySelector('#corrupted img')?.src || {before!r}) !== {before!r}")
+    page.wait_for_selector("#pred-corrupted [data-testid=label-output-value], #pred-corrupted .output-class")
+    assert not page.evaluate("document.querySelector('#x-t img')?.src"), "the last run's result was not cleared"
     shot(page, "04_corrupt_pgd")
     page.click("#corruption label:has-text('Adaptive')")
     page.wait_for_selector("#threat-line:has-text('the attack sees the purifier')")

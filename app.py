@@ -1,0 +1,679 @@
+"""TendiffPure Studio: diffusion purification with tensor-train U-Nets, as a Gradio app.
+
+    python app.py                      # http://127.0.0.1:7860 (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT)
+
+The same file runs as a Hugging Face Space (``demo`` is defined at module level). Checkpoints
+are resolved local-first (``checkpoints/``), then from the Hub (see tendiff.checkpoints). This
+file only wires the UI; everything it computes comes from :mod:`tendiff.pipeline`.
+
+Every main action is a named endpoint, usable from Python with ``gradio_client``::
+
+    from gradio_client import Client, handle_file
+    client = Client("http://127.0.0.1:7860/")
+    img = handle_file("assets/mnist_7_0.png")
+    # what the model sees: (image, message)
+    seen, message = client.predict("mnist", img, api_name="/prepare")
+    # corrupt: (corrupted image, clean top-3, corrupted top-3, threat model line)
+    corrupted, clean, attacked, threat = client.predict(
+        "mnist", img, "7", "pgd_linf", 0.3, 0.1, 0.2, 10, 1, 2, 0, "tt-r2", 100, api_name="/corrupt")
+    # purify (streams one output per reverse step; .outputs() keeps every one)
+    job = client.submit("mnist", img, "7", "gaussian", 0.3, 0.1, 0.2, 10, 1, 2, 0,
+                        "tt-r2", 100, "ddim", 10, api_name="/purify")
+    final = job.result()      # x_t, predicted x_0, progress, corrupted, 3 x top-3, plot, strip, GIF
+    frames = job.outputs()    # every streamed update
+    # compare dense and every TT rank: (gallery, table, status)
+    gallery, table, status = client.predict("mnist", img, "7", "gaussian", 0.3, 0.1, 0.2, 10, 1, 2, 0,
+                                            "tt-r2", 100, "ddim", 10, api_name="/compare")
+
+The inputs of /corrupt, /purify and /compare are, in order: dataset, image, true label (a class
+name, or "unknown"), corruption (none, gaussian, salt_pepper, pgd_linf, adaptive), sigma, p, eps,
+attack steps, EOT samples, surrogate DDIM steps, seed, model (dense, tt-r1..tt-r4, authors-r3),
+t*, and for /purify and /compare the method (ddpm, ddim, one-step) and the number of steps.
+``client.view_api()`` lists every endpoint with its parameters.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import io
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+import torch
+
+from tendiff.checkpoints import CheckpointIntegrityError, CheckpointNotFoundError
+from tendiff.data import CLASS_NAMES, DATASETS, IMAGE_SHAPE
+from tendiff.diffusion import METHODS
+from tendiff.pipeline import (CORRUPTION_TITLES, CORRUPTIONS, DATASET_TITLES, DEFAULT_METHOD, DEFAULT_MODEL,
+                              DEFAULT_STEPS, DEFAULT_T_STAR, CorruptionSpec, PurifySpec, Studio,
+                              check_dataset, check_label, display_scale, gif_bytes, parameter_table,
+                              prepare_image, strip_image, to_pil, topk)
+from tendiff.tt import tt_param_count
+
+ROOT = Path(__file__).resolve().parent
+ASSETS = ROOT / "assets"
+UNKNOWN = "unknown (use the classifier's prediction)"
+# The example on screen at start. Sigma 0.15 at t* = 100 (noise std 0.169) is a setting the purifier
+# can undo; with the checkpoints of this commit this digit is misread when noisy and read right when
+# purified, while most others stay misread or stay right (see the Compare tab for other models).
+DEFAULT_EXAMPLE = "mnist_6_0.png"
+DISPLAY = 224  # display size of the small images (nearest-neighbour enlargement)
+HEAVY_CONCURRENCY = int(os.environ.get("TENDIFF_CONCURRENCY", "1"))  # heavy runs at a time (2-core CPU: 1)
+MAX_GIFS = 128  # GIFs kept in the app's temp folder
+MAX_PNG_FOLDERS = 4000  # displayed PNGs kept in the app's temp folder
+FRAME_INTERVAL = float(os.environ.get("TENDIFF_FRAME_INTERVAL", "0.1"))  # seconds between streamed frames
+STREAM_BUDGET = 1.0  # at most this much pacing in total, so the default run ends well under 2 s
+CSS = """
+.pixelated img, img.pixelated, .gallery img, #input-image img { image-rendering: pixelated; }
+#input-image img { width: 100% !important; height: 100% !important; object-fit: contain; }
+#threat-line { font-weight: 600; }
+#examples .grid-container { grid-template-columns: repeat(10, minmax(0, 1fr)) !important; }
+#compare-gallery .grid-container { grid-template-columns: repeat(5, minmax(0, 1fr)) !important; }
+#title h1 { margin-bottom: 0; }
+"""
+
+# Batch-1 inference on 28x28 images gains nothing from intra-op threads, and on a busy 2-core
+# machine two OpenMP threads fighting another process are ~100x slower than one (measured).
+torch.set_num_threads(int(os.environ.get("TENDIFF_THREADS", "1")))
+studio = Studio()
+_tmp = Path(tempfile.mkdtemp(prefix="tendiff-studio-"))
+
+
+# --------------------------------------------------------------------------- helpers
+def user_errors(fn):
+    """Turn the pipeline's ValueErrors and missing checkpoints into gr.Error messages."""
+    errors = (ValueError, CheckpointNotFoundError, CheckpointIntegrityError)
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except errors as exc:
+                raise gr.Error(str(exc)) from None
+        return gen
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except errors as exc:
+            raise gr.Error(str(exc)) from None
+    return wrapper
+
+
+def readable_upload_errors(image: gr.Image) -> gr.Image:
+    """Make an image input's preprocessing failure (a file that is not an image) a clear message.
+
+    Patches the instance rather than subclassing gr.Image: a subclass defined here would make
+    Gradio write an ``app.pyi`` stub next to this file at import.
+    """
+    original = image.preprocess
+
+    def preprocess(payload):
+        try:
+            return original(payload)
+        except gr.Error:
+            raise
+        except Exception as exc:
+            raise gr.Error(f"The upload could not be read as an image ({type(exc).__name__}); "
+                           "upload a PNG or JPEG.") from None
+
+    image.preprocess = preprocess
+    return image
+
+
+def examples(dataset: str) -> list[tuple[str, str]]:
+    """(path, caption) of the bundled example images of a dataset: one row per copy, classes in order."""
+    names = CLASS_NAMES[dataset]
+    out = []
+    for path in sorted(ASSETS.glob(f"{dataset}_*.png"), key=lambda p: (int(p.stem.split("_")[-1]), int(p.stem.split("_")[-2]))):
+        label = int(path.stem.split("_")[-2])
+        out.append((str(path), names[label]))
+    return out
+
+
+def label_from_path(dataset: str, path) -> str | None:
+    """The true label of a bundled example, from its name (``mnist_3_0.png`` -> '3')."""
+    if not path:
+        return None
+    stem = Path(str(path)).stem
+    parts = stem.split("_")
+    if stem.startswith(dataset + "_") and len(parts) >= 3 and parts[-2].isdigit():
+        return CLASS_NAMES[dataset][int(parts[-2])]
+    return None
+
+
+_png_lock = threading.Lock()
+
+
+def png_file(img, name: str = "image") -> str:
+    """Write a PIL image as a PNG named by its content and return the path.
+
+    Handing Gradio paths rather than PIL images matters for streaming: Gradio re-writes a PIL
+    image's cache file on every update that contains the same picture, so a client still
+    downloading it from the previous update gets a truncated file (seen as "Too little data for
+    declared Content-Length" on the server). Files are copied into Gradio's cache only once.
+    """
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    data = buf.getvalue()
+    folder = _tmp / "png" / hashlib.sha1(data).hexdigest()[:20]
+    path = folder / f"{name}.png"
+    if not path.exists():
+        with _png_lock:
+            folder.mkdir(parents=True, exist_ok=True)
+            staging = folder / f".{name}.tmp"
+            staging.write_bytes(data)
+            staging.replace(path)
+            folders = list((_tmp / "png").iterdir())
+            if len(folders) > MAX_PNG_FOLDERS:  # forget the oldest half
+                folders.sort(key=lambda f: f.stat().st_mtime)
+                for old in folders[: len(folders) // 2]:
+                    shutil.rmtree(old, ignore_errors=True)
+    return str(path)
+
+
+def show(x, name: str = "image") -> str:
+    """A (1, C, H, W) image enlarged (nearest-neighbour) for display, as a PNG path."""
+    return png_file(to_pil(x, display_scale(x, DISPLAY)), name)
+
+
+def label_dict(dataset: str, probs) -> dict[str, float]:
+    return {name: p for name, p in topk(dataset, probs, 10)}
+
+
+def _specs(kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method=DEFAULT_METHOD,
+           steps=DEFAULT_STEPS):
+    corruption = CorruptionSpec(kind, sigma, p, eps, attack_steps, eot, surrogate)
+    spec = PurifySpec(model or DEFAULT_MODEL, t_star, steps, method, seed)
+    return corruption, spec
+
+
+def _input(dataset, image):
+    check_dataset(dataset)
+    if image is None:
+        raise ValueError("pick an example or upload an image first")
+    return prepare_image(image, dataset, studio.limits)
+
+
+def noise_text(t_star) -> str:
+    try:
+        t = int(t_star)
+        return (f"t* = {t} of T = {studio.num_timesteps}: the input is diffused to noise std "
+                f"**{studio.noise_std(t):.3f}** (pixel units, images in [0, 1])"
+                + (" — beyond the t <= 400 the purifiers were trained on." if t > 400 else "."))
+    except Exception:
+        return ""
+
+
+def threat_text(kind, eps=0.2, attack_steps=10, eot=1, surrogate=2) -> str:
+    try:
+        spec = CorruptionSpec(kind, eps=eps, attack_steps=attack_steps, eot=eot, surrogate_steps=surrogate)
+        text = f"**{spec.threat}**"
+        if kind in ("pgd_linf", "adaptive"):
+            text += f"  \nCost: {spec.cost()}"
+        return text
+    except Exception as exc:  # a half-typed value: say nothing wrong, the run will validate
+        return str(exc)
+
+
+# ------------------------------------------------------------------------- handlers
+@user_errors
+def prepare(dataset: str, image):
+    """What the model sees: the input converted to the dataset's size and colour mode."""
+    if image is None:  # the input was cleared
+        return None, ""
+    prepared = _input(dataset, image)
+    return show(prepared.tensor, "model_input"), prepared.message
+
+
+@user_errors
+def corrupt(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star):
+    """Corrupt the input; returns the corrupted image, the clean and corrupted top classes and the threat model."""
+    corruption, spec = _specs(kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star)
+    y, corruption, spec = studio.validate_request(dataset, true_label, corruption, spec)
+    x = _input(dataset, image).tensor
+    out = studio.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star)
+    return (show(out.tensor, "corrupted"), label_dict(dataset, studio.probs(dataset, x)[0]),
+            label_dict(dataset, studio.probs(dataset, out.tensor)[0]), threat_text(kind, eps, attack_steps, eot, surrogate))
+
+
+def _plot_frame(frames) -> pd.DataFrame:
+    rows = []
+    for f in frames:
+        rows.append({"step": f.index, "value": f.confidence, "series": "true-class confidence"})
+        rows.append({"step": f.index, "value": f.distance, "series": "RMSE to clean image"})
+    return pd.DataFrame(rows)
+
+
+@user_errors
+def purify(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star,
+           method, steps):
+    """Corrupt then purify, streaming x_t and the predicted clean image at every reverse step."""
+    corruption, spec = _specs(kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps)
+    y, corruption, spec = studio.validate_request(dataset, true_label, corruption, spec)
+    x = _input(dataset, image).tensor
+    skip = gr.skip()
+    if corruption.kind == "adaptive":  # can take a while: say so before it starts (one extra update)
+        yield (skip, skip, f"Running the adaptive attack first: {corruption.cost()}") + (skip,) * 7
+    corrupted = studio.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star)
+    clean_probs = label_dict(dataset, studio.probs(dataset, x)[0])
+    corrupted_probs = label_dict(dataset, studio.probs(dataset, corrupted.tensor)[0])
+    n_frames = spec.steps + 1
+    interval = min(FRAME_INTERVAL, STREAM_BUDGET / n_frames)
+    last = time.perf_counter()
+    first = True
+    for frame, result, cached in studio.run_stream(dataset, x, y, corruption, spec):
+        progress = (f"Step {frame.index}/{frame.num_steps} · t = {frame.t} · noise std {frame.noise_std:.3f} · "
+                    f"{'replayed from cache' if cached else f'{frame.seconds:.2f} s'}")
+        if not cached:
+            wait = interval - (time.perf_counter() - last)
+            if wait > 0 and not first:
+                time.sleep(wait)
+            last = time.perf_counter()
+        head = (show(frame.x_t, "x_t"), show(frame.pred_x0, "predicted_x0"), progress)
+        if result is None:
+            rest = ((show(corrupted.tensor, "corrupted"), clean_probs, corrupted_probs) if first else (skip, skip, skip))
+            yield head + rest + ((None, None, None, None) if first else (skip, skip, skip, skip))  # clear the last run
+            first = False
+            continue
+        gif = _tmp / f"purification_{abs(hash(studio.run_key(dataset, x, y, corruption, spec)))}.gif"
+        if not gif.exists():
+            gif.write_bytes(gif_bytes(result.frames))
+            for old in sorted(_tmp.glob("*.gif"), key=lambda f: f.stat().st_mtime)[:-MAX_GIFS]:
+                old.unlink(missing_ok=True)
+        summary = (f"Done: {spec.steps} {spec.method} step(s) from t* = {spec.t_star} with {spec.model} in "
+                   f"{result.seconds:.2f} s{' (cached)' if cached else ''}. "
+                   f"Purified prediction: {topk(dataset, result.probs_purified, 1)[0][0]}.")
+        yield (show(frame.x_t, "x_t"), show(frame.pred_x0, "purified"), summary, show(corrupted.tensor, "corrupted"),
+               clean_probs, corrupted_probs,
+               label_dict(dataset, result.probs_purified), _plot_frame(result.frames),
+               png_file(strip_image(result.frames, scale=max(1, 84 // IMAGE_SHAPE[dataset][1])), "steps"), str(gif))
+
+
+@user_errors
+def compare(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star,
+            method, steps):
+    """The same input, corruption and seed through dense and every TT rank."""
+    corruption, spec = _specs(kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps)
+    x = _input(dataset, image).tensor
+    columns = ["model", "prediction", "confidence", "true-class confidence", "parameters", "compression", "seconds"]
+    for rows in studio.compare(dataset, x, true_label, corruption, spec):
+        gallery, table = [], []
+        for r in rows:
+            if not r.available:
+                table.append([r.model, r.note, None, None, None, None, None])
+                continue
+            gallery.append((show(r.image, r.model), f"{r.model}: {r.prediction} ({r.confidence:.0%}), {r.compression:.0f}x"))
+            table.append([r.model, r.prediction, round(r.confidence, 3), round(r.true_confidence, 3), r.parameters,
+                          round(r.compression, 2), round(r.seconds, 3)])
+        status = f"{len(rows)} model(s) done; the same corrupted input and seed {spec.seed} for every one."
+        yield gallery, pd.DataFrame(table, columns=columns), status
+
+
+def _layer_figure(view: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cores = view["cores"]
+    n = len(cores)
+    fig, axes = plt.subplots(1, n + 2, figsize=(3.0 * (n + 2), 3.2))
+    for k, (ax, core) in enumerate(zip(axes, cores)):
+        c = core.numpy()
+        mat = c if c.ndim == 2 else c.reshape(c.shape[0], -1)
+        ax.imshow(mat, cmap="RdBu_r", aspect="auto", interpolation="nearest")
+        ax.set_title(f"core {k + 1} {tuple(c.shape)}", fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+
+    def tiles(kernel):  # the first 8x8 (out, in) channel pairs, each a 3x3 kernel
+        k = kernel[:8, :8].numpy()
+        o, i, kh, kw = k.shape
+        pad = np.full((o, i, kh + 1, kw + 1), np.nan)
+        pad[:, :, :kh, :kw] = k
+        return pad.transpose(0, 2, 1, 3).reshape(o * (kh + 1), i * (kw + 1))
+
+    vmax = float(view["rebuilt"][:8, :8].abs().max())
+    axes[n].imshow(tiles(view["rebuilt"]), cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+    axes[n].set_title("kernel rebuilt from the cores", fontsize=9)
+    if view["dense"] is not None:
+        axes[n + 1].imshow(tiles(view["dense"]), cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+        axes[n + 1].set_title("dense model's kernel", fontsize=9)
+    else:
+        axes[n + 1].text(0.5, 0.5, "dense checkpoint\nnot available", ha="center", va="center")
+    for ax in axes[n:]:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(f"{view['layer']} ({view['layout']} layout, ranks {view['ranks']}); kernels: first 8 out x 8 in channels",
+                 fontsize=10)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+@user_errors
+def learn_layer(dataset, model, layer):
+    """The TT cores of one layer and the kernel they rebuild next to the dense one."""
+    available = [m for m in studio.available_models(dataset) if m != "dense"]
+    if not available:
+        raise CheckpointNotFoundError(f"{DATASET_TITLES[dataset]}: no TT purifier is trained yet")
+    model = model if model in available else available[0]
+    names = studio.tt_layer_names(dataset, model)
+    layer = layer if layer in names else names[0]
+    view = studio.layer_view(dataset, model, layer)
+    o, i, kh, kw = view["shape"]
+    if view["layout"] == "tt":
+        r1, r2, r3 = view["ranks"]
+        formula = (f"I·R1 + kh·R1·R2 + kw·R2·R3 + R3·O = {i}·{r1} + {kh}·{r1}·{r2} + {kw}·{r2}·{r3} + {r3}·{o}"
+                   f" = **{view['tt_parameters']:,}**")
+    else:
+        r0, r1 = view["ranks"]
+        formula = f"O·I·r0 + r0·kh·r1 + r1·kw = {o}·{i}·{r0} + {r0}·{kh}·{r1} + {r1}·{kw} = **{view['tt_parameters']:,}**"
+    err = (f"Relative distance to the dense kernel: **{view['relative_error']:.3f}** (TT-SVD initialisation, then "
+           "fine-tuning moves the cores)." if view["relative_error"] is not None else "No dense checkpoint to compare.")
+    text = (f"**{layer}** of {model}: kernel O x I x kh x kw = {o} x {i} x {kh} x {kw} = {view['dense_parameters']:,} "
+            f"dense weights; TT cores: {formula} weights, {view['dense_parameters'] / view['tt_parameters']:.1f}x fewer.  \n"
+            + err)
+    return (gr.update(choices=available, value=model), gr.update(choices=names, value=layer), _layer_figure(view), text)
+
+
+@user_errors
+def learn_params(dataset, rank):
+    """The parameter formula as the rank changes, for one 64 -> 64 3x3 layer and the whole U-Net."""
+    check_dataset(dataset)
+    r = int(rank)
+    if not 1 <= r <= 16:
+        raise ValueError(f"rank must be in 1..16, got {r}")
+    c = 64
+    dense = c * c * 9
+    tt = tt_param_count(c, c, 3, r, "tt", bias=False)
+    au = tt_param_count(c, c, 3, r, "authors", bias=False)
+    text = (f"One {c} -> {c} 3x3 convolution at rank R = {r}:  \n"
+            f"- dense: O·I·k·k = {c}·{c}·9 = **{dense:,}**  \n"
+            f"- TT (one core per mode): I·R + 3R² + 3R² + R·O = {c}·{r} + 3·{r * r} + 3·{r * r} + {r}·{c} = **{tt:,}** "
+            f"({dense / tt:.0f}x fewer; linear in the channels)  \n"
+            f"- authors' layout: O·I·R + 3R² + 3R = {c * c}·{r} + 3·{r * r} + 3·{r} = **{au:,}** "
+            f"({dense / au:.1f}x fewer; still quadratic in the channels)")
+    rows = parameter_table(dataset, range(1, 9))
+    df = pd.DataFrame([{"rank": row["rank"], "parameters": row[k], "model": k} for row in rows
+                       for k in ("dense", "tt", "authors")])
+    return text, df
+
+
+def learn_schedule(t_star):
+    """The noise std over t, with t* marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.arange(1, studio.num_timesteps + 1)
+    std = np.array([studio.noise_std(int(k)) for k in t])
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.semilogy(t, std, color="#1f77b4")
+    try:
+        ts = int(t_star)
+        ax.axvline(ts, color="#d62728", ls="--")
+        ax.annotate(f"t* = {ts}: std {studio.noise_std(ts):.3f}", (ts, studio.noise_std(ts)), xytext=(10, -15),
+                    textcoords="offset points", color="#d62728")
+    except Exception:
+        pass
+    ax.axvspan(400, t[-1], color="0.9")
+    ax.text(700, std[5], "beyond the training range (t > 400)", ha="center", fontsize=8)
+    ax.set_xlabel("t"), ax.set_ylabel("noise std (pixel units)")
+    ax.set_title("Diffusing to t adds this much Gaussian noise", fontsize=10)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig, noise_text(t_star)
+
+
+@user_errors
+def guidance(dataset, image, true_label, t_star, seed):
+    """The guidance lesson: a class-conditional purifier guided with no label, the true label, a wrong label."""
+    x = _input(dataset, image).tensor
+    y = check_label(dataset, true_label)
+    if y is None:
+        raise ValueError("the guidance lesson needs the true label: pick an example, or set the true label")
+    spec = PurifySpec("dense", t_star, DEFAULT_STEPS, "ddim", seed)
+    try:
+        out = studio.guidance_lesson(dataset, x, y, spec=spec)
+    except CheckpointNotFoundError as exc:
+        return [], (f"**Not trained yet.** The guidance lesson (no label vs the true label vs a wrong label) needs a "
+                    f"class-conditional purifier: {exc}")
+    gallery = [(show(img), f"{name} -> {preds[0][0]} ({preds[0][1]:.0%})") for name, (img, preds) in out.items()]
+    text = ("Guiding the purifier with the **true** label makes the purified image look like that class whatever the "
+            "input was: the defense is told the answer, so its accuracy says nothing about robustness. A **wrong** label "
+            "pulls the image towards the wrong class just as easily. Only the unguided row is a fair defense.")
+    return gallery, text
+
+
+# ------------------------------------------------------------------------ the page
+def dataset_changed(dataset):
+    check_dataset(dataset)
+    ex = examples(dataset)
+    models = studio.available_models(dataset)
+    model = DEFAULT_MODEL if DEFAULT_MODEL in models else (models[0] if models else None)
+    first = ex[0][0] if ex else None
+    cleared = (None,) * 10  # the previous dataset's results
+    return (gr.update(value=ex), gr.update(value=first),
+            gr.update(choices=[UNKNOWN] + CLASS_NAMES[dataset], value=label_from_path(dataset, first) or UNKNOWN),
+            gr.update(choices=models, value=model), studio.status(dataset)) + cleared
+
+
+def example_selected(dataset, evt: gr.SelectData):
+    ex = examples(dataset)
+    path = ex[evt.index][0]
+    return path, label_from_path(dataset, path) or UNKNOWN
+
+
+def kind_changed(kind, eps, attack_steps, eot, surrogate):
+    attack = kind in ("pgd_linf", "adaptive")
+    return (gr.update(visible=kind == "gaussian"), gr.update(visible=kind == "salt_pepper"),
+            gr.update(visible=attack), gr.update(visible=attack), gr.update(visible=kind == "adaptive"),
+            threat_text(kind, eps, attack_steps, eot, surrogate))
+
+
+API_DOC = "```python\n" + __doc__.split("::\n\n", 1)[1].split("\n\nThe inputs")[0].replace("\n    ", "\n").strip() + "\n```\n\n" \
+          + "The inputs" + __doc__.split("\n\nThe inputs", 1)[1]
+
+
+def build_demo() -> gr.Blocks:
+    default_ds = "mnist"
+    ex = examples(default_ds)
+    default_image = str(ASSETS / DEFAULT_EXAMPLE)
+    models = studio.available_models(default_ds)
+    heavy = dict(concurrency_id="heavy", concurrency_limit=HEAVY_CONCURRENCY, time_limit=600)
+    with gr.Blocks(title="TendiffPure Studio", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown("# TendiffPure Studio\nDiffusion purification with tensor-train compressed U-Nets: corrupt an "
+                    "image, let a small diffusion model wash the corruption out, and see what the classifier says.",
+                    elem_id="title")
+        status = gr.Markdown(studio.status(default_ds), elem_id="status-line")
+        with gr.Tabs():
+            with gr.Tab("Purify", id="purify"):
+                gr.Markdown("### 1 · Pick or upload")
+                with gr.Row(equal_height=False):
+                    dataset = gr.Radio([(DATASET_TITLES[d], d) for d in DATASETS], value=default_ds,
+                                       label="Dataset", elem_id="dataset", scale=1, min_width=200)
+                    gallery = gr.Gallery(value=ex, label="Examples (click one): two per class", columns=10, height=210,
+                                         object_fit="contain", allow_preview=False, format="png", elem_id="examples",
+                                         elem_classes=["pixelated"], scale=5)
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=1, min_width=280):
+                        image = readable_upload_errors(gr.Image(
+                            value=default_image, type="filepath", image_mode=None, format="png",
+                            sources=["upload", "clipboard"], label="Input image (upload any image)", height=200,
+                            elem_id="input-image", elem_classes=["pixelated"]))
+                        true_label = gr.Dropdown([UNKNOWN] + CLASS_NAMES[default_ds], value=label_from_path(default_ds, default_image),
+                                                 label="True label",
+                                                 elem_id="true-label")
+                        with gr.Row():
+                            seen = gr.Image(label="What the model sees", format="png", interactive=False, height=170,
+                                            elem_id="model-view")
+                        seen_msg = gr.Markdown(elem_id="prepare-message")
+                    with gr.Column(scale=1, min_width=280):
+                        gr.Markdown("### 2 · Corrupt")
+                        kind = gr.Radio([(CORRUPTION_TITLES[k], k) for k in CORRUPTIONS], value="gaussian",
+                                        label="Corruption", elem_id="corruption")
+                        sigma = gr.Slider(0, 1, 0.15, step=0.01, label="Gaussian sigma")
+                        p = gr.Slider(0, 1, 0.1, step=0.01, label="Salt-and-pepper p", visible=False)
+                        eps = gr.Slider(0, 0.5, 0.2, step=0.01, label="eps (L-inf, pixel units)", visible=False)
+                        attack_steps = gr.Slider(1, studio.limits.max_attack_steps, 10, step=1,
+                                                 label="Attack steps (adaptive: at most "
+                                                       f"{studio.limits.max_adaptive_steps})", visible=False)
+                        with gr.Group(visible=False) as adaptive_box:
+                            eot = gr.Slider(1, studio.limits.max_eot, 1, step=1, label="EOT samples")
+                            surrogate = gr.Slider(1, studio.limits.max_surrogate_steps, 2, step=1,
+                                                  label="Surrogate DDIM steps")
+                        threat = gr.Markdown(threat_text("gaussian"), elem_id="threat-line")
+                        seed = gr.Number(0, precision=0, minimum=0, label="Seed (noise, attack start, purification)")
+                        corrupt_btn = gr.Button("Corrupt", elem_id="corrupt-btn")
+                        corrupted = gr.Image(label="Corrupted input", format="png", interactive=False, height=170,
+                                             elem_id="corrupted")
+                    with gr.Column(scale=1, min_width=280):
+                        gr.Markdown("### 3 · Purify")
+                        model = gr.Dropdown(models, value=DEFAULT_MODEL if DEFAULT_MODEL in models else None,
+                                            label="Purifier (dense, TT rank 1-4, authors' layout)", elem_id="model")
+                        t_star = gr.Slider(1, studio.num_timesteps, DEFAULT_T_STAR, step=1, label="t* (diffusion depth)",
+                                           elem_id="t-star")
+                        t_text = gr.Markdown(noise_text(DEFAULT_T_STAR))
+                        method = gr.Radio(list(METHODS), value=DEFAULT_METHOD, label="Sampler", elem_id="method")
+                        steps = gr.Slider(1, studio.limits.max_reverse_steps, DEFAULT_STEPS, step=1,
+                                          label="Reverse steps (one-step ignores this)", elem_id="steps")
+                        with gr.Row():
+                            purify_btn = gr.Button("Purify", variant="primary", elem_id="purify-btn")
+                            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+                        with gr.Row():
+                            x_t = gr.Image(label="x_t", format="png", interactive=False, height=170, elem_id="x-t")
+                            x0 = gr.Image(label="predicted clean image", format="png", interactive=False, height=170,
+                                          elem_id="pred-x0")
+                        progress = gr.Markdown(elem_id="progress")
+                gr.Markdown("### 4 · Predictions")
+                with gr.Row():
+                    lab_clean = gr.Label(num_top_classes=3, label="Clean", elem_id="pred-clean")
+                    lab_corrupt = gr.Label(num_top_classes=3, label="Corrupted", elem_id="pred-corrupted")
+                    lab_pure = gr.Label(num_top_classes=3, label="Purified", elem_id="pred-purified")
+                    plot = gr.LinePlot(x="step", y="value", color="series",
+                                       label="Along the reverse steps: true-class confidence (blue), RMSE to the "
+                                             "clean image (orange)",
+                                       color_map={"true-class confidence": "#1f77b4", "RMSE to clean image": "#ff7f0e"},
+                                       y_lim=[0, 1], height=300, scale=2, elem_id="trajectory")
+                with gr.Row():
+                    strip = gr.Image(label="Steps: x_t (top), predicted clean image (bottom)", format="png",
+                                     interactive=False, scale=3, elem_id="strip")
+                    gif = gr.File(label="GIF of the run", scale=1, elem_id="gif")
+            with gr.Tab("Compare ranks", id="compare"):
+                gr.Markdown("Runs the input, corruption, t*, sampler, steps and seed set on the Purify tab through "
+                            "the dense purifier and every TT rank. Compression is the dense U-Net's parameter count "
+                            "over the model's; seconds are the measured purification time on this machine.")
+                with gr.Row():
+                    compare_btn = gr.Button("Compare dense and every TT rank", variant="primary", elem_id="compare-btn")
+                    stop2 = gr.Button("Stop", variant="stop")
+                compare_status = gr.Markdown(elem_id="compare-status")
+                compare_gallery = gr.Gallery(label="Purified by each model", columns=5, height=300, format="png",
+                                             allow_preview=False, elem_id="compare-gallery", elem_classes=["pixelated"])
+                compare_table = gr.Dataframe(label="Results", elem_id="compare-table", interactive=False)
+            with gr.Tab("Learn", id="learn"):
+                gr.Markdown("### Tensor-train cores\nEach 3x3 convolution kernel W[o, i, a, b] of a TT purifier is "
+                            "stored as small cores, one per mode, and rebuilt as their contraction.")
+                with gr.Row():
+                    learn_model = gr.Dropdown([m for m in models if m != "dense"], value="tt-r2" if "tt-r2" in models
+                                              else None, label="TT model")
+                    learn_layer_dd = gr.Dropdown([], label="Layer", allow_custom_value=True)
+                    learn_btn = gr.Button("Show cores", elem_id="learn-btn")
+                layer_plot = gr.Plot(label="Cores and kernels", elem_id="layer-plot")
+                layer_text = gr.Markdown()
+                gr.Markdown("### Parameters as the rank changes")
+                rank = gr.Slider(1, 8, 2, step=1, label="Rank R")
+                params_text = gr.Markdown()
+                params_plot = gr.LinePlot(x="rank", y="parameters", color="model",
+                                          label="Whole U-Net parameters: dense (gray), TT (blue), authors' layout (red)",
+                                          color_map={"dense": "#7f7f7f", "tt": "#1f77b4", "authors": "#d62728"},
+                                          height=320, elem_id="params-plot")
+                gr.Markdown("### Noise std over t")
+                schedule_plot = gr.Plot(label="Noise schedule", elem_id="schedule-plot")
+                schedule_text = gr.Markdown()
+                gr.Markdown("### The guidance lesson\nThe authors guide the purifier with the label. Compare the "
+                            "input purified by a class-conditional purifier with no label, the true label and a "
+                            "wrong label (uses the Purify tab's input, t* and seed).")
+                guide_btn = gr.Button("Run the guidance lesson", elem_id="guide-btn")
+                guide_gallery = gr.Gallery(label="No label / true label / wrong label", columns=3, height=260,
+                                           format="png", allow_preview=False, elem_classes=["pixelated"])
+                guide_text = gr.Markdown(elem_id="guide-text")
+            with gr.Tab("API", id="api"):
+                gr.Markdown("Every main action is a named endpoint. With the app running:\n\n" + API_DOC)
+
+        # ---------------------------------------------------------------- events
+        run_inputs = [dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model,
+                      t_star]
+        dataset.change(dataset_changed, dataset, [gallery, image, true_label, model, status, corrupted, x_t, x0, progress,
+                                                  lab_clean, lab_corrupt, lab_pure, plot, strip, gif],
+                       api_visibility="private", queue=False)
+        gallery.select(example_selected, dataset, [image, true_label], api_visibility="private", queue=False)
+        image.upload(lambda: UNKNOWN, None, true_label, api_visibility="private", queue=False)  # label unknown
+        image.change(prepare, [dataset, image], [seen, seen_msg], api_name="prepare", concurrency_id="light",
+                     concurrency_limit=4)
+        demo.load(prepare, [dataset, image], [seen, seen_msg], api_name="initial_prepare", api_visibility="private")
+        demo.load(learn_params, [dataset, rank], [params_text, params_plot], api_name="initial_params",
+                  api_visibility="private")
+        demo.load(learn_schedule, t_star, [schedule_plot, schedule_text], api_name="initial_schedule",
+                  api_visibility="private")
+        kind_inputs = [kind, eps, attack_steps, eot, surrogate]
+        kind.change(kind_changed, kind_inputs, [sigma, p, eps, attack_steps, adaptive_box, threat],
+                    api_visibility="private", queue=False)
+        for c in (eps, attack_steps, eot, surrogate):
+            c.release(threat_text, kind_inputs, threat, api_visibility="private", queue=False)
+        t_star.change(noise_text, t_star, t_text, api_visibility="private", queue=False)
+        t_star.release(learn_schedule, t_star, [schedule_plot, schedule_text], api_name="learn_schedule")
+        results = [x_t, x0, progress, lab_pure, plot, strip, gif]  # what a purification shows
+        corrupt_btn.click(lambda: (None,) * len(results), None, results, api_visibility="private", queue=False)
+        image.change(lambda: (None,) * (len(results) + 3), None, results + [corrupted, lab_clean, lab_corrupt],
+                     api_visibility="private", queue=False)  # a new input: the old results no longer apply
+        corrupt_ev = corrupt_btn.click(corrupt, run_inputs, [corrupted, lab_clean, lab_corrupt, threat],
+                                       api_name="corrupt", show_progress="minimal", **heavy)
+        purify_ev = purify_btn.click(
+            purify, run_inputs + [method, steps],
+            [x_t, x0, progress, corrupted, lab_clean, lab_corrupt, lab_pure, plot, strip, gif],
+            api_name="purify", show_progress="hidden", **heavy)
+        compare_ev = compare_btn.click(compare, run_inputs + [method, steps],
+                                       [compare_gallery, compare_table, compare_status], api_name="compare",
+                                       show_progress="minimal", **heavy)
+        learn_ev = learn_btn.click(learn_layer, [dataset, learn_model, learn_layer_dd],
+                                   [learn_model, learn_layer_dd, layer_plot, layer_text], api_name="learn_layer", **heavy)
+        rank.release(learn_params, [dataset, rank], [params_text, params_plot], api_name="learn_params")
+        guide_ev = guide_btn.click(guidance, [dataset, image, true_label, t_star, seed], [guide_gallery, guide_text],
+                                   api_name="guidance", **heavy)
+        cancels = [corrupt_ev, purify_ev, compare_ev, learn_ev, guide_ev]
+        stop_btn.click(None, cancels=cancels, api_visibility="private")
+        stop2.click(None, cancels=cancels, api_visibility="private")
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    return demo
+
+
+def launch_kwargs() -> dict:
+    return dict(theme=gr.themes.Soft(), css=CSS, allowed_paths=[str(ASSETS)], max_file_size="10mb",
+                show_error=True)
+
+
+def warm_up() -> None:
+    """Load the default models and run the default request once, so the first click is fast."""
+    try:
+        x = prepare_image(ASSETS / DEFAULT_EXAMPLE, "mnist").tensor
+        studio.run("mnist", x, None, CorruptionSpec("gaussian", sigma=0.15), PurifySpec(seed=1))  # not the default seed: the first click still streams live
+    except Exception:
+        pass  # missing checkpoints: the UI says so when used
+
+
+demo = build_demo()
+
+if __name__ == "__main__":
+    threading.Thread(target=warm_up, daemon=True).start()
+    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                server_port=int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", "7860"))),
+                **launch_kwargs())
