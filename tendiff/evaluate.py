@@ -62,7 +62,7 @@ class EvalConfig:
     n: int = 1000  # images for clean / noise columns
     n_attack: int = 200  # images for attack columns
     seeds: int = 3  # purification seeds per cell
-    t_star: int = 100
+    t_star: int = 200
     steps: int = 10
     method: str = "ddim"
     guidance_scale: float = 5.0
@@ -515,7 +515,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=1000, help="images for clean and noise columns")
     p.add_argument("--n-attack", type=int, default=200, help="images for attack columns")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--t-star", type=int, default=100)
+    p.add_argument("--t-star", type=int, default=200, help="diffusion depth (200: noise std 0.36; chosen by a sweep on MNIST)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--method", default="ddim", choices=["ddim", "ddpm", "one-step"])
     p.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS), choices=CORRUPTIONS)

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from tendiff.attacks import (autoattack_l2, gaussian_noise, pgd_eot_ddim_surrogate, pgd_l2, pgd_linf,
                              salt_and_pepper)
-from tendiff.classifiers import build_classifier, classifier_config
+from tendiff.classifiers import build_classifier
 from tendiff.diffusion import GaussianDiffusion, purify_batch
 from tendiff.unet import UNet, preset
 
