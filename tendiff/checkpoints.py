@@ -179,3 +179,20 @@ def load_model(name: str, hub_repo: str | None = None, revision: str | None = No
         raise CheckpointNotFoundError(f"checkpoint {name!r} is not listed in {manifest_path()}")
     path = resolve(name, hub_repo, revision)
     return load_checkpoint(path, expected_sha256=entry["sha256"], map_location=map_location)
+
+
+def manifest_table(directory: Path | None = None) -> str:
+    """The manifest as a markdown table: how each checkpoint was made and what it measured."""
+    rows = ["| checkpoint | parameters | size | steps | wall time | trained with | measured |",
+            "|---|---|---|---|---|---|---|"]
+    for name, e in read_manifest(directory)["checkpoints"].items():
+        measured = {**e.get("train_metrics", {}), **e.get("metrics", {})}
+        shown = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in measured.items())
+        init = f" from `{e['init_from']}`" if e.get("init_from") else ""
+        rows.append(f"| `{name}` | {e['parameters']:,} | {e['size_bytes'] / 1024:.0f} KiB | {e['steps']} | "
+                    f"{e['wall_time_s'] / 60:.1f} min | seed {e['seed']}, {e['hardware']}{init} | {shown} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m tendiff.checkpoints: print the manifest table
+    print(manifest_table())

@@ -38,11 +38,14 @@ def test_manifest_records_and_load_model_verifies_hash(ckpt_dir):
     model = build_classifier("mnist")
     path = ckpt_dir / ckpt.checkpoint_name("mnist", "classifier")
     ckpt.save_checkpoint(model, path)
-    entry = ckpt.update_manifest(path, model, {"command": "test", "seed": 0})
+    entry = ckpt.update_manifest(path, model, {"command": "test", "seed": 0, "steps": 3, "wall_time_s": 6.0,
+                                               "hardware": "test CPU"})
     assert entry["parameters"] == sum(p.numel() for p in model.parameters())
     ckpt.set_metrics(path.name, {"accuracy": 0.5})
     manifest = json.loads((ckpt_dir / "manifest.json").read_text())
     assert manifest["checkpoints"][path.name]["metrics"] == {"accuracy": 0.5}
+    table = ckpt.manifest_table()
+    assert f"`{path.name}`" in table and "accuracy 0.500" in table and "seed 0" in table
     assert ckpt.load_model(path.name).config == model.config
 
     data = bytearray(path.read_bytes())  # tamper with one weight byte
