@@ -62,19 +62,21 @@ def bench_forward(dataset: str, batch_sizes, ranks, layouts, repeats: int) -> li
     return rows
 
 
-def bench_layers(batch_sizes, ranks, repeats: int) -> list[dict]:
-    """Single 3x3 convs at the widths and sizes of the MNIST U-Net."""
+def bench_layers(dataset: str, batch_sizes, ranks, repeats: int) -> list[dict]:
+    """Single 3x3 convs at the U-Net's width and each of its resolutions, plus a wider layer."""
+    cfg = preset(dataset)
+    sizes = [cfg.image_size // 2 ** i for i in range(len(cfg.channels))]
     rows = []
-    for c, size in ((32, 28), (64, 14), (128, 16)):
+    for c, size in [(c, s) for c, s in zip(cfg.channels, sizes)] + [(128, 16)]:
         dense = torch.nn.Conv2d(c, c, 3, 1, 1)
+        layers = {r: TTConv2d.from_conv(dense, r, "tt") for r in ranks}  # built outside inference mode
         for b in batch_sizes:
             x = torch.randn(b, c, size, size)
             with torch.inference_mode():
                 d_ms = median_ms(lambda: dense(x), repeats)
                 rows.append({"layer": f"{c}->{c} @{size}x{size}", "model": "dense", "mode": "-", "batch": b,
                              "ms": d_ms, "x": 1.0})
-                for r in ranks:
-                    layer = TTConv2d.from_conv(dense, r, "tt")
+                for r, layer in layers.items():
                     for mode in ("chain", "cached"):
                         layer.mode = mode
                         ms = median_ms(lambda: layer(x), repeats)
@@ -137,7 +139,7 @@ def main(argv=None):
         print(format_table(rows, ["model", "mode", "params"] + cols))
     if "layers" not in args.skip:
         print("\n## Single 3x3 conv layers (median ms)\n")
-        print(format_table(bench_layers(bs, args.ranks, args.repeats), ["layer", "model", "mode", "batch", "ms", "x"]))
+        print(format_table(bench_layers(args.dataset, bs, args.ranks, args.repeats), ["layer", "model", "mode", "batch", "ms", "x"]))
     if "purify" not in args.skip:
         print(f"\n## Whole purification, t*={args.t_star}, {args.steps} DDIM steps (median ms)\n")
         print(format_table(bench_purify(args.dataset, bs, args.ranks, args.t_star, args.steps, args.repeats),

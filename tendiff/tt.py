@@ -156,7 +156,11 @@ class TTConv2d(nn.Module):
         return torch.einsum("oip,paq,qb->oiab", a, b, c)
 
     def _cache_key(self) -> tuple:
-        return tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in self.cores)
+        # An in-place update (optimizer step, load_state_dict) bumps a tensor's version counter.
+        # Inference tensors (parameters created under torch.inference_mode) have none; they can
+        # only change inside inference mode, which is not how weights are updated.
+        return tuple((None if p.is_inference() else p._version, p.data_ptr(), p.device, p.dtype)
+                     for p in self.cores)
 
     def cached_kernel(self) -> torch.Tensor:
         key = self._cache_key()

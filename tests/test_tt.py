@@ -53,6 +53,17 @@ def test_cached_kernel_follows_weight_updates():
     assert rel_err(after, expected) < 1e-6
 
 
+def test_layers_built_in_inference_mode_run_in_every_mode():
+    with torch.inference_mode():
+        layer = TTConv2d.from_conv(nn.Conv2d(8, 8, 3, padding=1), 2)
+        x = torch.randn(1, 8, 6, 6)
+        outs = []
+        for mode in ("rebuild", "chain", "cached", "cached"):
+            layer.mode = mode
+            outs.append(layer(x))
+    assert all(rel_err(o, outs[0]) < 1e-5 for o in outs)
+
+
 def test_cached_mode_trains_through_rebuild():
     layer = TTConv2d(8, 8, 3, 1, 1, rank=2, mode="cached")
     layer(torch.randn(1, 8, 5, 5)).sum().backward()
