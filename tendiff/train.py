@@ -176,6 +176,7 @@ def train(args: argparse.Namespace) -> dict:
     ema = copy.deepcopy(model).eval() if args.what == "purifier" else None
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.0 if args.what == "purifier" else 5e-4)
     step, elapsed = 0, 0.0
+    resumed_at = None
     if args.resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
@@ -183,6 +184,7 @@ def train(args: argparse.Namespace) -> dict:
         if ema is not None:
             ema.load_state_dict(state["ema"])
         step, elapsed = state["step"], state["elapsed"]
+        resumed_at = step
         g.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         if rank == 0:
@@ -281,6 +283,7 @@ def train(args: argparse.Namespace) -> dict:
         "wall_time_s": round(elapsed, 1), "hardware": hardware(), "torch": torch.__version__,
         "t_max": args.t_max if args.what == "purifier" else None,
         "init_from": Path(args.init_from).name if args.init_from else None,
+        "resumed_at_step": resumed_at,  # the command continued a run saved in --run-dir at this step
         "train_metrics": metrics,
     }
     ckpt.save_checkpoint(final, out, extra={k: record[k] for k in ("command", "seed", "steps", "t_max")})

@@ -65,6 +65,7 @@ def test_train_classifier_then_purifier_then_tt_from_dense_and_resume(fake_cache
                 "--run-dir", str(fake_cache / "run_p")])
     manifest = json.loads((d / "manifest.json").read_text())["checkpoints"]
     assert manifest["mnist_dense.safetensors"]["steps"] == 6
+    assert manifest["mnist_dense.safetensors"]["resumed_at_step"] == 4
 
 
 @pytest.mark.skipif(not dataset_available("mnist"), reason="MNIST is not on this machine")
