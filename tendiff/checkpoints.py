@@ -132,8 +132,8 @@ def update_manifest(path: str | Path, model, record: dict) -> dict:
         **record,
     }
     old = manifest["checkpoints"].get(path.name, {})
-    if "metrics" in old and "metrics" not in record:
-        entry["metrics"] = old["metrics"]  # a re-save keeps what was measured unless replaced
+    if "metrics" in old and "metrics" not in record and old.get("sha256") == entry["sha256"]:
+        entry["metrics"] = old["metrics"]  # same weights: what was measured still holds
     manifest["checkpoints"][path.name] = entry
     manifest["checkpoints"] = dict(sorted(manifest["checkpoints"].items()))
     tmp = manifest_path(path.parent).with_suffix(".tmp")
