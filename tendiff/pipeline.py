@@ -32,7 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import attacks
-from .checkpoints import CheckpointNotFoundError, checkpoint_name, load_model, read_manifest
+from .checkpoints import CheckpointNotFoundError, checkpoint_name, load_model, manifest_path, read_manifest
 from .classifiers import predict
 from .data import CLASS_NAMES, DATASETS, IMAGE_SHAPE
 from .diffusion import METHODS, GaussianDiffusion, purify
@@ -431,6 +431,7 @@ class Studio:
         self._cache_lock = threading.Lock()
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self._cache_size = cache_size
+        self._manifest: tuple[int | None, dict] | None = None
 
     @property
     def num_timesteps(self) -> int:
@@ -440,9 +441,13 @@ class Studio:
         return self.diffusion.noise_std(t)
 
     # ----------------------------------------------------------------- models
-    @staticmethod
-    def manifest_entries() -> dict:
-        return read_manifest()["checkpoints"]
+    def manifest_entries(self) -> dict:
+        """The manifest's checkpoints, re-read only when the file changes (every request asks)."""
+        path = manifest_path()
+        stamp = path.stat().st_mtime_ns if path.exists() else None
+        if self._manifest is None or self._manifest[0] != stamp:
+            self._manifest = (stamp, read_manifest()["checkpoints"])
+        return self._manifest[1]
 
     def available_models(self, dataset: str) -> list[str]:
         """Purifier labels whose checkpoint the manifest lists, in display order."""
@@ -489,7 +494,8 @@ class Studio:
         return self._load(checkpoint_name(check_dataset(dataset), "classifier"))
 
     def purifier(self, dataset: str, model: str) -> torch.nn.Module:
-        parse_model_label(model) if not model.endswith("-cond") else None
+        if not model.endswith("-cond"):
+            parse_model_label(model)  # refuses unknown labels and ranks before any loading
         return self._load(checkpoint_name(check_dataset(dataset), model))
 
     def model_parameters(self, dataset: str, model: str) -> int:
