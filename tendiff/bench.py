@@ -17,10 +17,8 @@ import time
 import torch
 
 from .diffusion import GaussianDiffusion, purify_batch
-from .tt import TTConv2d, set_mode
+from .tt import MODES, TTConv2d, set_mode
 from .unet import UNet, preset
-
-MODES = ("rebuild", "chain", "cached", "auto")
 
 
 def median_ms(fn, repeats: int, warmup: int = 3) -> float:
@@ -41,6 +39,8 @@ def model_variants(dataset: str, ranks, layouts=("tt",)):
         for r in ranks:
             model = UNet(preset(dataset, layout, r)).eval()
             for mode in MODES:
+                if mode == "factored" and layout != "tt":
+                    continue
                 yield f"{layout}-r{r}", mode, set_mode(model, mode)
 
 
@@ -77,7 +77,7 @@ def bench_layers(dataset: str, batch_sizes, ranks, repeats: int) -> list[dict]:
                 rows.append({"layer": f"{c}->{c} @{size}x{size}", "model": "dense", "mode": "-", "batch": b,
                              "ms": d_ms, "x": 1.0})
                 for r, layer in layers.items():
-                    for mode in ("chain", "cached"):
+                    for mode in ("chain", "factored", "cached"):
                         layer.mode = mode
                         ms = median_ms(lambda: layer(x), repeats)
                         rows.append({"layer": f"{c}->{c} @{size}x{size}", "model": f"tt-r{r}", "mode": mode,

@@ -127,7 +127,7 @@ def count_macs(model, input_shape) -> int:
         nonlocal total
         h, w = inp[0].shape[-2:]
         path = m.resolve_mode(inp[0])
-        total += m.macs(h, w, "chain" if path == "chain" else "dense")
+        total += m.macs(h, w, path if path in ("chain", "factored") else "dense")
 
     def linear_hook(m, inp, out):
         nonlocal total

@@ -241,8 +241,11 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
     if arr.dtype == np.uint16 or arr.dtype == np.int32:
         raise ValueError("16-bit images are not supported; save the image with 8 bits per channel")
     if arr.dtype.kind == "f":
-        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
-            raise ValueError("float image arrays must hold values in [0, 1]")
+        if not np.isfinite(arr).all():
+            raise ValueError("the image holds NaN or infinite values; send finite values in [0, 1]")
+        if arr.min() < 0 or arr.max() > 1:
+            raise ValueError(f"float image values must lie in [0, 1]; these span "
+                             f"[{arr.min():.3g}, {arr.max():.3g}]")
         arr = np.round(arr * 255).astype(np.uint8)
     if arr.dtype != np.uint8:
         raise ValueError(f"unsupported image array type {arr.dtype}")
@@ -260,7 +263,8 @@ def prepare_image(image, dataset: str, limits: Limits = Limits()) -> Prepared:
 
     Refuses, with a message for the user: files that are not images, files over the size limit,
     images larger than ``max_upload_side`` or smaller than ``min_upload_side`` pixels on a side,
-    animations, 16-bit or float images, and images with transparent pixels. Accepts everything
+    animations, 16-bit images, float images with values outside [0, 1] or NaN/inf, and images
+    with transparent pixels. Accepts everything
     else: crops the centre square (when not square), resizes (box filter for exact integer
     factors, so an image enlarged with nearest-neighbour comes back exactly; Lanczos otherwise),
     converts to the dataset's colour mode, and for MNIST-like datasets (white digit on black)
@@ -280,25 +284,31 @@ def prepare_image(image, dataset: str, limits: Limits = Limits()) -> Prepared:
     if min(w, h) < limits.min_upload_side:
         raise ValueError(f"the image is {w}x{h} pixels, too small to be recognised; "
                          f"at least {limits.min_upload_side} on a side is needed")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F") or img.mode.startswith("I;16"):
-        raise ValueError(f"{'16-bit' if '16' in img.mode or img.mode == 'I' else 'floating-point'} images "
-                         f"(mode {img.mode}) are not supported; save the image with 8 bits per channel")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I") or img.mode.startswith("I;16"):
+        raise ValueError(f"16-bit images (mode {img.mode}) are not supported; save the image with 8 bits per channel")
     try:
         img.load()
     except Exception as exc:
         raise ValueError(f"the image file is damaged or truncated ({type(exc).__name__})") from None
+    source_mode = img.mode
+    if img.mode == "F":
+        # A float image (e.g. a 32-bit TIFF written from an array): accepted when it holds
+        # finite values in [0, 1], which _array_to_pil checks before rounding to 8 bits.
+        img = _array_to_pil(np.asarray(img, dtype=np.float32))
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
         alpha = img.convert("RGBA").getchannel("A")
         if alpha.getextrema()[0] < 255:
             raise ValueError("the image has transparent pixels; flatten it onto a background and upload it again")
-    original = f"{w}x{h} {img.mode}"
+    original = f"{w}x{h} {source_mode}"
     steps = []
     c, H, W = IMAGE_SHAPE[dataset]
     img = img.convert("L" if c == 1 else "RGB")
-    if img.mode == "L" and original.endswith(("RGB", "RGBA", "CMYK", "YCbCr")):
-        steps.append("converted to grayscale")
+    if img.mode == "L" and source_mode not in ("L", "1", "F"):
+        steps.append(f"converted from {source_mode} to grayscale")
+    elif img.mode == "RGB" and source_mode != "RGB":
+        steps.append(f"converted from {source_mode} to RGB" + (" (gray copied to 3 channels)" if source_mode in ("L", "1", "F") else ""))
     if w != h:
         side = min(w, h)
         img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
@@ -516,6 +526,11 @@ class Studio:
 
     def predict_topk(self, dataset: str, x: torch.Tensor, k: int = 3) -> list[tuple[str, float]]:
         return topk(dataset, self.probs(dataset, x)[0], k)
+
+    def clear_cache(self) -> None:
+        """Forget every cached run (models stay loaded): the next request computes afresh."""
+        with self._cache_lock:
+            self._cache.clear()
 
     def _cached(self, key: tuple, compute):
         with self._cache_lock:

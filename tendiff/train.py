@@ -173,6 +173,9 @@ def train(args: argparse.Namespace) -> dict:
             raise SystemExit("--conditional with --init-from takes a dense checkpoint (TT conditional models are not offered)")
         peak_lr = args.lr or (1e-3 if args.init_from else 2e-3)
     model.to(device)
+    # Channels-last training steps are faster on CPU (measured at batch 128, 2 cores: CIFAR-10
+    # classifier 1.4x, dense U-Net 1.35x, TT U-Net 1.4x); the state dict is unchanged.
+    model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval() if args.what == "purifier" else None
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.0 if args.what == "purifier" else 5e-4)
     step, elapsed = 0, 0.0
@@ -225,7 +228,7 @@ def train(args: argparse.Namespace) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args.steps, peak_lr, warmup)
             if args.what == "classifier":
-                loss = F.cross_entropy(net(x), y, label_smoothing=0.1 if args.dataset == "cifar10" else 0.0)
+                loss = F.cross_entropy(net(x.contiguous(memory_format=torch.channels_last)), y, label_smoothing=0.1 if args.dataset == "cifar10" else 0.0)
             else:
                 x0 = x * 2 - 1
                 t = torch.randint(1, args.t_max + 1, (len(x0),), generator=g).to(device)
@@ -234,7 +237,8 @@ def train(args: argparse.Namespace) -> dict:
                 if model.config.num_classes:
                     drop = torch.rand(len(y), generator=g).to(device) < 0.15
                     cond = torch.where(drop, torch.full_like(y, model.null_label), y)
-                loss = F.mse_loss(net(diffusion.q_sample(x0, t, noise), t, cond), noise)
+                x_t = diffusion.q_sample(x0, t, noise).contiguous(memory_format=torch.channels_last)
+                loss = F.mse_loss(net(x_t, t, cond), noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -269,7 +273,7 @@ def train(args: argparse.Namespace) -> dict:
     if rank != 0:
         return {}
 
-    final = (ema if ema is not None else model).cpu().eval()
+    final = (ema if ema is not None else model).cpu().eval().to(memory_format=torch.contiguous_format)
     metrics = {}
     test_images = test_set.float_images()
     if args.what == "classifier":

@@ -20,12 +20,17 @@ with cores (O, I, r0), (r0, kh, r1), (r1, kw): O*I*r0 + ... parameters, still qu
 the channel count. Its chain is a 1x1 conv to O*r0 channels followed by two grouped
 convolutions (groups = O), which is not cheaper than the dense kernel.
 
-Three execution modes compute the same function:
+Four execution modes compute the same function:
 ``rebuild`` rebuilds the dense kernel on every call (what the authors' code does);
 ``chain`` runs the cores as convolutions; ``cached`` rebuilds once and reuses the kernel
 until a core changes (detected through the parameters' in-place version counters), and
-falls back to ``rebuild`` whenever gradients are needed. ``auto`` picks, per call, the
-chain or the cached kernel by their multiply-accumulate counts at that input size.
+falls back to ``rebuild`` whenever gradients are needed; ``factored`` (``tt`` layout only)
+contracts the first three cores into a kh x kw kernel to R3 channels (cached like the full
+kernel when no gradient is needed) and runs two convolutions, k x k (I->R3) then 1x1
+(R3->O): (I kh kw + O) R3 multiply-accumulates per pixel instead of I O kh kw, in two
+launches instead of the chain's four, which matters at batch 1 where launches dominate.
+``auto`` picks, per call, the cheapest path by multiply-accumulate counts at that input size
+(the factored pair for ``tt``, the chain or the full kernel for ``authors``).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LAYOUTS = ("tt", "authors")
-MODES = ("rebuild", "chain", "cached", "auto")
+MODES = ("rebuild", "chain", "cached", "factored", "auto")
 
 
 def _pair(v) -> tuple[int, int]:
@@ -122,7 +127,9 @@ class TTConv2d(nn.Module):
             shapes = [(out_channels, in_channels, r0), (r0, kh, r1), (r1, kw)]
         self.cores = nn.ParameterList([nn.Parameter(torch.empty(s)) for s in shapes])
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        if mode == "factored" and layout != "tt":
+            raise ValueError("the factored mode needs the 'tt' layout (it splits off the output core)")
+        self._cache: dict[str, tuple[tuple, object]] = {}
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -144,7 +151,7 @@ class TTConv2d(nn.Module):
             if self.bias is not None:
                 bound = 1.0 / math.sqrt(fan_in)
                 self.bias.uniform_(-bound, bound)
-        self._cache = None
+        self._cache = {}
 
     # ---------------------------------------------------------------- kernel
     def full_kernel(self) -> torch.Tensor:
@@ -162,18 +169,30 @@ class TTConv2d(nn.Module):
         return tuple((None if p.is_inference() else p._version, p.data_ptr(), p.device, p.dtype)
                      for p in self.cores)
 
-    def cached_kernel(self) -> torch.Tensor:
+    def factored_kernels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R3, I, kh, kw) and (O, R3, 1, 1) kernels of the two convs of the factored path."""
+        if self.layout != "tt":
+            raise ValueError("the factored path needs the 'tt' layout")
+        u_in, g_h, g_w, u_out = self.cores
+        head = torch.einsum("ip,paq,qbr->riab", u_in, g_h, g_w)
+        return head, u_out.t().reshape(self.out_channels, self.ranks[2], 1, 1)
+
+    def _cached(self, name: str, compute):
         key = self._cache_key()
-        if self._cache is None or self._cache[0] != key:
+        entry = self._cache.get(name)
+        if entry is None or entry[0] != key:
             with torch.no_grad():
-                self._cache = (key, self.full_kernel())
-        return self._cache[1]
+                entry = self._cache[name] = (key, compute())
+        return entry[1]
+
+    def cached_kernel(self) -> torch.Tensor:
+        return self._cached("full", self.full_kernel)
 
     # --------------------------------------------------------------- forward
-    def _forward_dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+    def _forward_dense(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding)
 
-    def _forward_chain(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_chain(self, x: torch.Tensor, bias) -> torch.Tensor:
         kh, kw = self.kernel_size
         (sh, sw), (ph, pw) = self.stride, self.padding
         if self.layout == "tt":
@@ -182,7 +201,7 @@ class TTConv2d(nn.Module):
             x = F.conv2d(x, u_in.t().reshape(r1, self.in_channels, 1, 1))
             x = F.conv2d(x, g_h.permute(2, 0, 1).reshape(r2, r1, kh, 1), stride=(sh, 1), padding=(ph, 0))
             x = F.conv2d(x, g_w.permute(2, 0, 1).reshape(r3, r2, 1, kw), stride=(1, sw), padding=(0, pw))
-            return F.conv2d(x, u_out.t().reshape(self.out_channels, r3, 1, 1), self.bias)
+            return F.conv2d(x, u_out.t().reshape(self.out_channels, r3, 1, 1), bias)
         a, b, c = self.cores
         r0, r1 = self.ranks
         o = self.out_channels
@@ -191,7 +210,11 @@ class TTConv2d(nn.Module):
         wb = b.permute(2, 0, 1).reshape(1, r1, r0, kh, 1).expand(o, -1, -1, -1, -1)
         x = F.conv2d(x, wb.reshape(o * r1, r0, kh, 1), stride=(sh, 1), padding=(ph, 0), groups=o)
         wc = c.reshape(1, 1, r1, 1, kw).expand(o, -1, -1, -1, -1)
-        return F.conv2d(x, wc.reshape(o, r1, 1, kw), self.bias, stride=(1, sw), padding=(0, pw), groups=o)
+        return F.conv2d(x, wc.reshape(o, r1, 1, kw), bias, stride=(1, sw), padding=(0, pw), groups=o)
+
+    def _forward_factored(self, x: torch.Tensor, bias, cached: bool) -> torch.Tensor:
+        head, tail = self._cached("factored", self.factored_kernels) if cached else self.factored_kernels()
+        return F.conv2d(F.conv2d(x, head, None, self.stride, self.padding), tail, bias)
 
     def macs(self, height: int, width: int, path: str) -> int:
         """Multiply-accumulates per image for an input of size height x width."""
@@ -200,6 +223,9 @@ class TTConv2d(nn.Module):
         ho, wo = _conv_out_size(height, kh, sh, ph), _conv_out_size(width, kw, sw, pw)
         if path == "dense":
             return ho * wo * self.out_channels * self.in_channels * kh * kw
+        if path == "factored":
+            r3 = self.ranks[2]
+            return ho * wo * r3 * (self.in_channels * kh * kw + self.out_channels)
         if self.layout == "tt":
             r1, r2, r3 = self.ranks
             return (height * width * self.in_channels * r1 + ho * width * r1 * r2 * kh
@@ -215,20 +241,32 @@ class TTConv2d(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.cores)
         if mode == "auto":
             h, w = x.shape[-2:]
-            # The chain launches four convolutions instead of one; only worth it when it
-            # saves most of the arithmetic (measured in tendiff.bench).
-            mode = "chain" if self.macs(h, w, "chain") * 3 < self.macs(h, w, "dense") else "cached"
+            dense = self.macs(h, w, "dense")
+            # A factorized path launches two (factored) or four (chain) convolutions instead
+            # of one; it is only worth it when it saves most of the arithmetic (measured in
+            # tendiff.bench).
+            if self.layout == "tt":
+                mode = "factored" if self.macs(h, w, "factored") * 2 < dense else "cached"
+            else:
+                mode = "chain" if self.macs(h, w, "chain") * 3 < dense else "cached"
         if mode == "cached" and needs_grad:
             mode = "rebuild"
         return mode
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, extra_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution of x; ``extra_bias`` (O,), if given, is added to the bias for free."""
         mode = self.resolve_mode(x)
+        bias = self.bias
+        if extra_bias is not None:
+            bias = extra_bias if bias is None else bias + extra_bias
         if mode == "chain":
-            return self._forward_chain(x)
+            return self._forward_chain(x, bias)
+        if mode == "factored":
+            return self._forward_factored(x, bias, cached=not (torch.is_grad_enabled()
+                                                               and any(p.requires_grad for p in self.cores)))
         if mode == "cached":
-            return self._forward_dense(x, self.cached_kernel())
-        return self._forward_dense(x, self.full_kernel())
+            return self._forward_dense(x, self.cached_kernel(), bias)
+        return self._forward_dense(x, self.full_kernel(), bias)
 
     # ------------------------------------------------------------ conversion
     @classmethod
@@ -340,6 +378,8 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     if mode not in MODES:
         raise ValueError(f"unknown execution mode {mode!r}; expected one of {MODES}")
     for _, layer in tt_layers(model):
+        if mode == "factored" and layer.layout != "tt":
+            raise ValueError("the factored mode needs the 'tt' layout")
         layer.mode = mode
     return model
 

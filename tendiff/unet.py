@@ -89,10 +89,26 @@ class ResBlock(nn.Module):
         self.conv2 = _conv(cfg, channels, channels)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_proj(temb)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return x + h
+        # In-place activations save a full-size allocation each; autograd needs the inputs.
+        inplace = not torch.is_grad_enabled()
+        time_bias = self.time_proj(temb)
+        h = F.silu(self.norm1(x), inplace=inplace)
+        if time_bias.shape[0] == 1:
+            # Every image shares one timestep (as in purification): the time offset is a
+            # per-channel constant, added for free as part of conv1's bias.
+            h = conv_with_extra_bias(self.conv1, h, time_bias[0])
+        else:
+            h = self.conv1(h) + time_bias[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
+        return h.add_(x)
+
+
+def conv_with_extra_bias(conv: nn.Module, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """conv(x) + extra[None, :, None, None], with extra folded into the conv's bias."""
+    if isinstance(conv, TTConv2d):
+        return conv(x, extra_bias=extra)
+    bias = extra if conv.bias is None else conv.bias + extra
+    return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
 
 
 def _resize_channels(cin: int, cout: int) -> nn.Module:
@@ -125,13 +141,15 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        temb = timestep_embedding(t, self.config.time_dim)
+        temb = timestep_embedding(t, self.config.time_dim).to(x.dtype)
         if self.label_embed is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
             temb = temb + self.label_embed(y)
         elif y is not None:
             raise ValueError("this U-Net is unconditional; it takes no label")
+        if temb.shape[0] > 1 and bool((temb == temb[:1]).all()):
+            temb = temb[:1]  # one shared timestep (and label): blocks fold it into a conv bias
         temb = self.time_mlp(temb)
         h = self.stem(x)
         skips = []

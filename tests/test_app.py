@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import re
-import socket
 import sys
 from pathlib import Path
 
@@ -20,17 +19,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tendiff.checkpoints import checkpoint_name, read_manifest  # noqa: E402
+from conftest import missing_checkpoints  # noqa: E402
 from tendiff.pipeline import (COMPARE_LABELS, CorruptionSpec, Limits, PurifySpec, Studio, check_label,  # noqa: E402
                               parse_model_label, prepare_image, quantize)
 
 ASSETS = ROOT / "assets"
-NEEDED = ["classifier", "tt-r2"]
-
-
-def missing_checkpoints(dataset: str = "mnist", models=NEEDED) -> list[str]:
-    listed = read_manifest()["checkpoints"]
-    return [checkpoint_name(dataset, m) for m in models if checkpoint_name(dataset, m) not in listed]
 
 
 needs_mnist = pytest.mark.skipif(bool(missing_checkpoints()),
@@ -182,26 +175,11 @@ def test_pipeline_streams_every_step_and_caches():
 
 
 # --------------------------------------------------------------------- the app
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def client():
-    if missing_checkpoints():
-        pytest.skip(f"MNIST checkpoints not trained yet: {missing_checkpoints()}")
-    import app
+def client(app_url):
     from gradio_client import Client
 
-    port = free_port()
-    app.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                    **app.launch_kwargs())
-    try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    finally:
-        app.demo.close()
+    return Client(app_url, verbose=False)
 
 
 def image_size(path) -> tuple[int, int]:

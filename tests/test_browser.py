@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tendiff.checkpoints import checkpoint_name, read_manifest  # noqa: E402
+
+from conftest import missing_checkpoints  # noqa: E402
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -35,26 +35,9 @@ if not SHOTS.is_absolute():
     SHOTS = ROOT / SHOTS
 
 
-def missing() -> list[str]:
-    listed = read_manifest()["checkpoints"]
-    return [checkpoint_name("mnist", m) for m in ("classifier", "tt-r2") if checkpoint_name("mnist", m) not in listed]
-
-
 @pytest.fixture(scope="module")
-def server():
-    if missing():
-        pytest.skip(f"MNIST checkpoints not trained yet: {missing()}")
-    import app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app.demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                    **app.launch_kwargs())
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        app.demo.close()
+def server(app_url):
+    return app_url
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +187,7 @@ def test_stop_button_cancels_a_long_run(page):
 
 
 def test_cifar10_says_it_is_not_trained_yet(page):
-    if checkpoint_name("cifar10", "classifier") in read_manifest()["checkpoints"]:
+    if not missing_checkpoints("cifar10", ["classifier"]):
         pytest.skip("CIFAR-10 is trained here")
     page.click("#dataset label:has-text('CIFAR-10')")
     page.wait_for_selector("#status-line:has-text('not trained yet')")

@@ -18,7 +18,7 @@ def test_execution_modes_agree(layout, rank, stride, padding, kernel):
     layer = TTConv2d(12, 20, kernel, stride, padding, rank=rank, layout=layout).double()
     x = torch.randn(3, 12, 17, 19, dtype=torch.double)
     outs = {}
-    for mode in ("rebuild", "chain", "cached", "auto"):
+    for mode in ("rebuild", "chain", "cached", "auto") + (("factored",) if layout == "tt" else ()):
         layer.mode = mode
         with torch.no_grad():
             outs[mode] = layer(x)
@@ -28,21 +28,38 @@ def test_execution_modes_agree(layout, rank, stride, padding, kernel):
         assert rel_err(y, ref) < 1e-5, mode
 
 
-def test_chain_mode_backpropagates_like_rebuild():
-    layer = TTConv2d(8, 8, 3, 1, 1, rank=2)
-    x = torch.randn(2, 8, 9, 9)
+@pytest.mark.parametrize("mode", ["chain", "factored", "auto"])
+def test_factorized_modes_backpropagate_like_rebuild(mode):
+    layer = TTConv2d(8, 8, 3, 1, 1, rank=2).double()
+    x = torch.randn(2, 8, 9, 9, dtype=torch.double, requires_grad=True)
     grads = {}
-    for mode in ("rebuild", "chain"):
+    for m in ("rebuild", mode):
         layer.zero_grad()
-        layer.mode = mode
+        x.grad = None
+        layer.mode = m
         layer(x).square().sum().backward()
-        grads[mode] = [p.grad.clone() for p in layer.parameters()]
-    for a, b in zip(grads["rebuild"], grads["chain"]):
-        assert rel_err(b, a) < 1e-4
+        grads[m] = [p.grad.clone() for p in layer.parameters()] + [x.grad.clone()]
+    for a, b in zip(grads["rebuild"], grads[mode]):
+        assert rel_err(b, a) < 1e-10
 
 
-def test_cached_kernel_follows_weight_updates():
-    layer = TTConv2d(8, 8, 3, 1, 1, rank=2, mode="cached")
+def test_factored_mode_needs_the_tt_layout():
+    with pytest.raises(ValueError, match="factored"):
+        TTConv2d(8, 8, 3, rank=2, layout="authors", mode="factored")
+
+
+def test_auto_mode_takes_the_factored_pair_where_it_saves_arithmetic():
+    layer = TTConv2d(48, 48, 3, 1, 1, rank=2)
+    with torch.no_grad():
+        assert layer.resolve_mode(torch.zeros(1, 48, 28, 28)) == "factored"
+    full_rank = TTConv2d(8, 8, 3, 1, 1, rank=full_ranks(8, 8, 3, "tt"))
+    with torch.no_grad():
+        assert full_rank.resolve_mode(torch.zeros(1, 8, 28, 28)) == "cached"
+
+
+@pytest.mark.parametrize("mode", ["cached", "factored"])
+def test_cached_kernels_follow_weight_updates(mode):
+    layer = TTConv2d(8, 8, 3, 1, 1, rank=2, mode=mode)
     x = torch.randn(1, 8, 6, 6)
     with torch.no_grad():
         before = layer(x)
@@ -58,7 +75,7 @@ def test_layers_built_in_inference_mode_run_in_every_mode():
         layer = TTConv2d.from_conv(nn.Conv2d(8, 8, 3, padding=1), 2)
         x = torch.randn(1, 8, 6, 6)
         outs = []
-        for mode in ("rebuild", "chain", "cached", "cached"):
+        for mode in ("rebuild", "chain", "cached", "cached", "factored", "factored"):
             layer.mode = mode
             outs.append(layer(x))
     assert all(rel_err(o, outs[0]) < 1e-5 for o in outs)
@@ -168,3 +185,21 @@ def test_conditional_unet_takes_labels_and_null_label():
     assert model(x, t, torch.tensor([1, 10])).shape == x.shape
     with pytest.raises(ValueError):
         UNet(preset("mnist", channels=(8, 16)))(x, t, torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("conv", ["dense", "tt", "authors"])
+def test_shared_timestep_fast_path_matches_per_image_timesteps(conv):
+    """A batch sharing one t folds the time offset into a conv bias and runs activations in
+    place; it must compute what the general per-image path computes."""
+    model = UNet(preset("mnist", conv, 2)).double().eval()
+    for p in model.parameters():  # the zero-initialised head would hide any difference
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(3, 1, 28, 28, dtype=torch.double)
+    with torch.no_grad():
+        shared = model(x, torch.tensor([100, 100, 100]))
+        mixed = model(x, torch.tensor([100, 100, 7]))
+        scalar = model(x, torch.tensor(100))
+    assert rel_err(mixed[:2], shared[:2]) < 1e-10 and rel_err(scalar, shared) < 1e-12
+    assert rel_err(mixed[2:], shared[2:]) > 1e-6  # the third image did get its own timestep
+    # Training (gradients) takes the out-of-place path and gives the same values.
+    assert rel_err(model(x, torch.tensor([100, 100, 7])), mixed) < 1e-12
