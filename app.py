@@ -611,13 +611,20 @@ def build_demo() -> gr.Blocks:
         # ---------------------------------------------------------------- events
         run_inputs = [dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model,
                       t_star]
+        # The input is prepared once per user action (upload, example, dataset). Not on image.change:
+        # the browser fires that two or three times for one upload, and a bad upload then showed
+        # its error toast as many times.
+        light = dict(concurrency_id="light", concurrency_limit=4)
         dataset.change(dataset_changed, dataset, [gallery, image, true_label, model, status, corrupted, x_t, x0, progress,
                                                   lab_clean, lab_corrupt, lab_pure, plot, strip, gif],
-                       api_visibility="private", queue=False)
-        gallery.select(example_selected, dataset, [image, true_label], api_visibility="private", queue=False)
+                       api_visibility="private", queue=False).then(
+            prepare, [dataset, image], [seen, seen_msg], api_visibility="private", **light)
+        gallery.select(example_selected, dataset, [image, true_label], api_visibility="private", queue=False).then(
+            prepare, [dataset, image], [seen, seen_msg], api_visibility="private", **light)
         image.upload(lambda: UNKNOWN, None, true_label, api_visibility="private", queue=False)  # label unknown
-        image.change(prepare, [dataset, image], [seen, seen_msg], api_name="prepare", concurrency_id="light",
-                     concurrency_limit=4)
+        image.upload(prepare, [dataset, image], [seen, seen_msg], api_name="prepare", **light)
+        image.clear(lambda: (None, "No input image: upload one or pick an example."), None, [seen, seen_msg],
+                    api_visibility="private", queue=False)
         demo.load(prepare, [dataset, image], [seen, seen_msg], api_name="initial_prepare", api_visibility="private")
         demo.load(learn_params, [dataset, rank], [params_text, params_plot], api_name="initial_params",
                   api_visibility="private")

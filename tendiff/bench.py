@@ -39,8 +39,6 @@ def model_variants(dataset: str, ranks, layouts=("tt",)):
         for r in ranks:
             model = UNet(preset(dataset, layout, r)).eval()
             for mode in MODES:
-                if mode == "factored" and layout != "tt":
-                    continue
                 yield f"{layout}-r{r}", mode, set_mode(model, mode)
 
 
@@ -77,7 +75,7 @@ def bench_layers(dataset: str, batch_sizes, ranks, repeats: int) -> list[dict]:
                 rows.append({"layer": f"{c}->{c} @{size}x{size}", "model": "dense", "mode": "-", "batch": b,
                              "ms": d_ms, "x": 1.0})
                 for r, layer in layers.items():
-                    for mode in ("chain", "factored", "cached"):
+                    for mode in ("chain", "cached"):
                         layer.mode = mode
                         ms = median_ms(lambda: layer(x), repeats)
                         rows.append({"layer": f"{c}->{c} @{size}x{size}", "model": f"tt-r{r}", "mode": mode,
@@ -102,6 +100,74 @@ def bench_purify(dataset: str, batch_sizes, ranks, t_star: int, steps: int, repe
     return rows
 
 
+def bench_long_purification(dataset: str, rank: int, steps: int, t_star: int, repeats: int) -> dict:
+    """Batch-1 purification with many reverse steps (the issue's 100-step target), tt vs dense."""
+    cfg = preset(dataset)
+    diffusion = GaussianDiffusion()
+    x = torch.rand(1, cfg.in_channels, cfg.image_size, cfg.image_size)
+    row = {"steps": steps, "t_star": t_star}
+    for label, model in (("dense", UNet(cfg).eval()), (f"tt-r{rank}", UNet(preset(dataset, "tt", rank)).eval())):
+        row[f"{label}_ms"] = median_ms(lambda: purify_batch(model, diffusion, x, t_star, num_steps=steps),
+                                       max(3, repeats // 6), 1)
+    return row
+
+
+def bench_app(timeout: float = 120.0) -> dict:
+    """Start ``python app.py`` as a user would and measure what a visitor meets: seconds until
+    the page is served, the default click (MNIST example, Gaussian, tt-r2, default t* and steps)
+    end to end through gradio_client, twice (the second is a cached replay), and the server's
+    peak resident memory after every MNIST model has been loaded (one compare-ranks call)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from gradio_client import Client, handle_file
+
+    from .pipeline import DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_STEPS, DEFAULT_T_STAR
+
+    root = Path(__file__).resolve().parent.parent
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.perf_counter() - t0 > timeout:
+                raise RuntimeError("app.py did not serve its page")
+            time.sleep(0.1)
+        startup = time.perf_counter() - t0
+        client = Client(url, verbose=False)
+        args = ["mnist", handle_file(str(root / "assets" / "mnist_7_0.png")), "7", "gaussian", 0.2, 0.2, 0.2, 10,
+                1, 2, 0, DEFAULT_MODEL, DEFAULT_T_STAR, DEFAULT_METHOD, DEFAULT_STEPS]
+        clicks = []
+        for seed in (12345, 12345):
+            args[10] = seed
+            t1 = time.perf_counter()
+            client.predict(*args, api_name="/purify")
+            clicks.append(time.perf_counter() - t1)
+        client.predict(*args, api_name="/compare")  # loads every MNIST purifier
+        status = Path(f"/proc/{proc.pid}/status")
+        peak = next((int(line.split()[1]) / 1024 for line in status.read_text().splitlines()
+                     if line.startswith("VmHWM:")), float("nan")) if status.exists() else float("nan")
+        return {"startup_s": startup, "click_s": clicks[0], "cached_click_s": clicks[1], "peak_rss_mib": peak}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def format_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         if isinstance(v, float):
@@ -124,7 +190,8 @@ def main(argv=None):
     p.add_argument("--t-star", type=int, default=100)
     p.add_argument("--steps", type=int, default=10, help="reverse steps for the purification timing")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--skip", nargs="*", default=[], choices=["forward", "layers", "purify"])
+    p.add_argument("--long-steps", type=int, default=100, help="reverse steps of the batch-1 long purification")
+    p.add_argument("--skip", nargs="*", default=[], choices=["forward", "layers", "purify", "long", "app"])
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,7 +211,15 @@ def main(argv=None):
         print(f"\n## Whole purification, t*={args.t_star}, {args.steps} DDIM steps (median ms)\n")
         print(format_table(bench_purify(args.dataset, bs, args.ranks, args.t_star, args.steps, args.repeats),
                            ["model", "mode"] + cols))
-    print(f"\npeak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if "long" not in args.skip:
+        print(f"\n## Batch-1 purification, {args.long_steps} DDIM steps from t*={args.long_steps * 2} (median ms)\n")
+        row = bench_long_purification(args.dataset, 2, args.long_steps, args.long_steps * 2, args.repeats)
+        print(format_table([row], list(row)))
+    print(f"\npeak resident memory of this benchmark: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if "app" not in args.skip:
+        print("\n## The app (python app.py on the committed checkpoints, driven by gradio_client)\n")
+        row = bench_app()
+        print(format_table([row], list(row)))
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def count_macs(model, input_shape) -> int:
         nonlocal total
         h, w = inp[0].shape[-2:]
         path = m.resolve_mode(inp[0])
-        total += m.macs(h, w, path if path in ("chain", "factored") else "dense")
+        total += m.macs(h, w, "chain" if path == "chain" else "dense")
 
     def linear_hook(m, inp, out):
         nonlocal total
@@ -374,10 +374,12 @@ def claims(result: dict) -> list[str]:
 
 
 def markdown(results: list[dict], command: str) -> str:
+    commands = list(dict.fromkeys(r.get("command", command) for r in results))
     out = ["# Results", "",
-           f"Made by `{command}`  ",
-           f"on {platform.node() or 'this machine'} ({platform.processor() or platform.machine()}, "
-           f"{torch.get_num_threads()} threads, torch {torch.__version__}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+           ("Made by `" + commands[0] + "`  \n" + f"on {results[0].get('machine', machine())}, "
+            f"{results[0].get('date', time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))}."
+            if len(commands) == 1 else
+            "Made dataset by dataset (`--merge`); each section names the command, machine and date that made it."),
            "",
            "Accuracy in % (mean over purification seeds) with its 95% Wilson interval; `worst` is the "
            "worst-of-seeds accuracy (an image counts only if every seed is right). Transfer attacks are "
@@ -391,7 +393,10 @@ def markdown(results: list[dict], command: str) -> str:
         purs = list(dict.fromkeys(c["purifier"] for c in res["cells"]))
         cells = {(c["corruption"], c["purifier"]): c for c in res["cells"]}
         s = cfg["strength"]
-        out += [f"## {cfg['dataset']}", "",
+        out += [f"## {cfg['dataset']}", ""]
+        if len(commands) > 1:
+            out += [f"Made by `{res.get('command', command)}`  ", f"on {res.get('machine', '?')}, {res.get('date', '?')}.", ""]
+        out += [
                 f"Subset: first {cfg['n']} images (attacks: {cfg['n_attack']}) of a seed-{cfg['seed']} permutation of "
                 f"the test split. Purification: t* = {cfg['t_star']}, {cfg['steps']} {cfg['method']} steps, "
                 f"{cfg['seeds']} seeds. Gaussian sigma {s['gaussian']}, salt-and-pepper p {s['salt_pepper']}, "
@@ -465,7 +470,8 @@ def figures(result: dict, out_dir: Path) -> list[str]:
     ax.set_title(f"{ds}: accuracy by corruption and purifier (95% CI)")
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
-    names = [f"{ds}_accuracy.png"]
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    names = [f"figures/{ds}_accuracy.png"]
     fig.savefig(out_dir / names[0], dpi=110)
     plt.close(fig)
 
@@ -485,10 +491,26 @@ def figures(result: dict, out_dir: Path) -> list[str]:
         ax.set_title(f"{ds}: accuracy vs parameters")
         ax.legend()
         fig.tight_layout()
-        names.append(f"{ds}_params_vs_accuracy.png")
+        names.append(f"figures/{ds}_params_vs_accuracy.png")
         fig.savefig(out_dir / names[-1], dpi=110)
         plt.close(fig)
     return names
+
+
+def machine() -> str:
+    return (f"{platform.node() or 'this machine'} ({platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__})")
+
+
+def merge_results(results: list[dict], out_dir: Path) -> list[dict]:
+    """The new results plus those of other datasets already in out_dir/results.json (each keeps
+    the command and machine that made it), in dataset order."""
+    path = out_dir / "results.json"
+    old = json.loads(path.read_text())["results"] if path.exists() else []
+    fresh = {r["config"]["dataset"] for r in results}
+    kept = [r for r in old if r["config"]["dataset"] not in fresh]
+    order = {d: i for i, d in enumerate(DATASETS)}
+    return sorted(kept + results, key=lambda r: order.get(r["config"]["dataset"], 99))
 
 
 def write_outputs(results: list[dict], out_dir: Path, command: str) -> None:
@@ -528,6 +550,8 @@ def parse_args(argv=None):
     p.add_argument("--no-timing", action="store_true", help="skip the per-purifier timings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/results")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other datasets' results already in --out (run datasets one at a time)")
     p.add_argument("--record-metrics", action="store_true",
                    help="also write the purified accuracies into checkpoints/manifest.json")
     return p.parse_args(argv)
@@ -567,11 +591,14 @@ def main(argv=None):
         except ckpt.CheckpointNotFoundError as exc:
             print(f"[{ds}] skipped: {exc}")
             continue
+        result.update(command=command, machine=machine(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
         results.append(result)
         if args.record_metrics:
             record_metrics(result)
     if not results:
         raise SystemExit("nothing was evaluated: no classifier checkpoint for the chosen dataset(s)")
+    if args.merge:
+        results = merge_results(results, Path(args.out))
     write_outputs(results, Path(args.out), command)
     print((Path(args.out) / "results.md").read_text())
 

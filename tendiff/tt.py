@@ -20,17 +20,18 @@ with cores (O, I, r0), (r0, kh, r1), (r1, kw): O*I*r0 + ... parameters, still qu
 the channel count. Its chain is a 1x1 conv to O*r0 channels followed by two grouped
 convolutions (groups = O), which is not cheaper than the dense kernel.
 
-Four execution modes compute the same function:
+Three execution modes compute the same function:
 ``rebuild`` rebuilds the dense kernel on every call (what the authors' code does);
-``chain`` runs the cores as convolutions; ``cached`` rebuilds once and reuses the kernel
-until a core changes (detected through the parameters' in-place version counters), and
-falls back to ``rebuild`` whenever gradients are needed; ``factored`` (``tt`` layout only)
-contracts the first three cores into a kh x kw kernel to R3 channels (cached like the full
-kernel when no gradient is needed) and runs two convolutions, k x k (I->R3) then 1x1
-(R3->O): (I kh kw + O) R3 multiply-accumulates per pixel instead of I O kh kw, in two
-launches instead of the chain's four, which matters at batch 1 where launches dominate.
-``auto`` picks, per call, the cheapest path by multiply-accumulate counts at that input size
-(the factored pair for ``tt``, the chain or the full kernel for ``authors``).
+``chain`` runs the cores as a chain: for ``tt``, the input core as a 1x1 projection I->R1
+(a matrix product), the two spatial cores as one kh x kw convolution R1->R3 (they are
+contracted first: R1 kh kw R3 numbers), and the output core as a 1x1 projection R3->O with
+the bias: three launches, (I R1 + R1 R3 kh kw + R3 O) multiply-accumulates per pixel instead
+of I O kh kw. Doing the 1x1 steps as matrix products rather than convolutions matters on
+CPU: oneDNN reorders NCHW tensors around 1x1 convolutions (measured 6-8x slower at batch 64);
+``cached`` rebuilds once and reuses the kernel until a core changes (detected through the
+parameters' in-place version counters), and falls back to ``rebuild`` whenever gradients are
+needed. ``auto`` picks, per call, the chain or the full kernel by their multiply-accumulate
+counts at that input size.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LAYOUTS = ("tt", "authors")
-MODES = ("rebuild", "chain", "cached", "factored", "auto")
+MODES = ("rebuild", "chain", "cached", "auto")
 
 
 def _pair(v) -> tuple[int, int]:
@@ -127,8 +128,6 @@ class TTConv2d(nn.Module):
             shapes = [(out_channels, in_channels, r0), (r0, kh, r1), (r1, kw)]
         self.cores = nn.ParameterList([nn.Parameter(torch.empty(s)) for s in shapes])
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        if mode == "factored" and layout != "tt":
-            raise ValueError("the factored mode needs the 'tt' layout (it splits off the output core)")
         self._cache: dict[str, tuple[tuple, object]] = {}
         self.reset_parameters()
 
@@ -169,13 +168,13 @@ class TTConv2d(nn.Module):
         return tuple((None if p.is_inference() else p._version, p.data_ptr(), p.device, p.dtype)
                      for p in self.cores)
 
-    def factored_kernels(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R3, I, kh, kw) and (O, R3, 1, 1) kernels of the two convs of the factored path."""
-        if self.layout != "tt":
-            raise ValueError("the factored path needs the 'tt' layout")
-        u_in, g_h, g_w, u_out = self.cores
-        head = torch.einsum("ip,paq,qbr->riab", u_in, g_h, g_w)
-        return head, u_out.t().reshape(self.out_channels, self.ranks[2], 1, 1)
+    def _spatial_kernel(self) -> torch.Tensor:
+        """The two spatial cores contracted into one (R3, R1, kh, kw) kernel (cached for inference)."""
+        def contract():
+            return torch.einsum("paq,qbr->rpab", self.cores[1], self.cores[2])
+        if torch.is_grad_enabled() and (self.cores[1].requires_grad or self.cores[2].requires_grad):
+            return contract()
+        return self._cached("spatial", contract)
 
     def _cached(self, name: str, compute):
         key = self._cache_key()
@@ -197,11 +196,16 @@ class TTConv2d(nn.Module):
         (sh, sw), (ph, pw) = self.stride, self.padding
         if self.layout == "tt":
             u_in, g_h, g_w, u_out = self.cores
-            r1, r2, r3 = self.ranks
-            x = F.conv2d(x, u_in.t().reshape(r1, self.in_channels, 1, 1))
-            x = F.conv2d(x, g_h.permute(2, 0, 1).reshape(r2, r1, kh, 1), stride=(sh, 1), padding=(ph, 0))
-            x = F.conv2d(x, g_w.permute(2, 0, 1).reshape(r3, r2, 1, kw), stride=(1, sw), padding=(0, pw))
-            return F.conv2d(x, u_out.t().reshape(self.out_channels, r3, 1, 1), bias)
+            r1, _, r3 = self.ranks
+            n, _, h, w = x.shape
+            # (R1, I) @ (n, I, h*w): the input core as a 1x1 projection.
+            z = torch.matmul(u_in.t(), x.reshape(n, self.in_channels, h * w)).reshape(n, r1, h, w)
+            z = F.conv2d(z, self._spatial_kernel(), None, self.stride, self.padding)
+            ho, wo = z.shape[-2:]
+            out = torch.matmul(u_out.t(), z.reshape(n, r3, ho * wo))  # (O, R3) @ (n, R3, ho*wo)
+            if bias is not None:
+                out = out.add_(bias[:, None]) if not out.requires_grad else out + bias[:, None]
+            return out.reshape(n, self.out_channels, ho, wo)
         a, b, c = self.cores
         r0, r1 = self.ranks
         o = self.out_channels
@@ -212,10 +216,6 @@ class TTConv2d(nn.Module):
         wc = c.reshape(1, 1, r1, 1, kw).expand(o, -1, -1, -1, -1)
         return F.conv2d(x, wc.reshape(o, r1, 1, kw), bias, stride=(1, sw), padding=(0, pw), groups=o)
 
-    def _forward_factored(self, x: torch.Tensor, bias, cached: bool) -> torch.Tensor:
-        head, tail = self._cached("factored", self.factored_kernels) if cached else self.factored_kernels()
-        return F.conv2d(F.conv2d(x, head, None, self.stride, self.padding), tail, bias)
-
     def macs(self, height: int, width: int, path: str) -> int:
         """Multiply-accumulates per image for an input of size height x width."""
         kh, kw = self.kernel_size
@@ -223,13 +223,9 @@ class TTConv2d(nn.Module):
         ho, wo = _conv_out_size(height, kh, sh, ph), _conv_out_size(width, kw, sw, pw)
         if path == "dense":
             return ho * wo * self.out_channels * self.in_channels * kh * kw
-        if path == "factored":
-            r3 = self.ranks[2]
-            return ho * wo * r3 * (self.in_channels * kh * kw + self.out_channels)
         if self.layout == "tt":
-            r1, r2, r3 = self.ranks
-            return (height * width * self.in_channels * r1 + ho * width * r1 * r2 * kh
-                    + ho * wo * r2 * r3 * kw + ho * wo * r3 * self.out_channels)
+            r1, _, r3 = self.ranks
+            return height * width * self.in_channels * r1 + ho * wo * r3 * (r1 * kh * kw + self.out_channels)
         r0, r1 = self.ranks
         o = self.out_channels
         return (height * width * self.in_channels * o * r0 + ho * width * o * r0 * r1 * kh
@@ -242,13 +238,9 @@ class TTConv2d(nn.Module):
         if mode == "auto":
             h, w = x.shape[-2:]
             dense = self.macs(h, w, "dense")
-            # A factorized path launches two (factored) or four (chain) convolutions instead
-            # of one; it is only worth it when it saves most of the arithmetic (measured in
-            # tendiff.bench).
-            if self.layout == "tt":
-                mode = "factored" if self.macs(h, w, "factored") * 2 < dense else "cached"
-            else:
-                mode = "chain" if self.macs(h, w, "chain") * 3 < dense else "cached"
+            # The chain launches three ops instead of one; only worth it when it saves most
+            # of the arithmetic (measured in tendiff.bench).
+            mode = "chain" if self.macs(h, w, "chain") * 3 < dense else "cached"
         if mode == "cached" and needs_grad:
             mode = "rebuild"
         return mode
@@ -261,9 +253,6 @@ class TTConv2d(nn.Module):
             bias = extra_bias if bias is None else bias + extra_bias
         if mode == "chain":
             return self._forward_chain(x, bias)
-        if mode == "factored":
-            return self._forward_factored(x, bias, cached=not (torch.is_grad_enabled()
-                                                               and any(p.requires_grad for p in self.cores)))
         if mode == "cached":
             return self._forward_dense(x, self.cached_kernel(), bias)
         return self._forward_dense(x, self.full_kernel(), bias)
@@ -378,8 +367,6 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     if mode not in MODES:
         raise ValueError(f"unknown execution mode {mode!r}; expected one of {MODES}")
     for _, layer in tt_layers(model):
-        if mode == "factored" and layer.layout != "tt":
-            raise ValueError("the factored mode needs the 'tt' layout")
         layer.mode = mode
     return model
 

@@ -111,6 +111,51 @@ def conv_with_extra_bias(conv: nn.Module, x: torch.Tensor, extra: torch.Tensor) 
     return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
 
 
+def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) for a stride-1, same-padded conv with few input or few output channels (the
+    1-or-3-channel stem and head), as one matrix product plus shifted slices.
+
+    oneDNN handles some of these shapes poorly on CPU; measured (1 thread, ms, conv -> this):
+    48->1 head 5.6 -> 1.6 at batch 64, 0.14 -> 0.09 at batch 1; 48->3 head 8.6 -> 3.6 at
+    batch 64; 1->48 stem 13.3 -> 1.5 at batch 64 but 0.02 -> 0.07 at batch 1; 3->48 stem
+    2.0 -> 7.4 at batch 64. So: heads always, 1-channel stems from batch 8, else ``conv``.
+    The arithmetic is the same.
+    """
+    weight, bias = conv.weight, conv.bias
+    cout, cin, kh, kw = weight.shape
+    n, _, h, w = x.shape
+    ph, pw = conv.padding
+    faster = cout < cin or (cin == 1 and n >= 8)
+    if not faster or conv.stride != (1, 1) or (ph, pw) != (kh // 2, kw // 2) or conv.groups != 1:
+        return conv(x)
+    taps = [(i, j) for i in range(kh) for j in range(kw)]
+    if cout <= cin:
+        # Few outputs: project every tap at once (kh*kw*cout channels), then add shifted copies.
+        z = torch.matmul(weight.permute(2, 3, 0, 1).reshape(kh * kw * cout, cin), x.reshape(n, cin, h * w))
+        z = F.pad(z.reshape(n, kh * kw * cout, h, w), (pw, pw, ph, ph)).reshape(n, kh * kw, cout, h + 2 * ph, w + 2 * pw)
+        out = z[:, 0, :, :h, :w].clone()
+        for k, (i, j) in enumerate(taps[1:], 1):
+            out = out + z[:, k, :, i:i + h, j:j + w]
+    else:
+        # Few inputs: gather the kh*kw shifted copies (cin*kh*kw channels), then one projection.
+        xp = F.pad(x, (pw, pw, ph, ph))
+        cols = torch.stack([xp[:, :, i:i + h, j:j + w] for i, j in taps], 2).reshape(n, cin * kh * kw, h * w)
+        out = torch.matmul(weight.reshape(cout, cin * kh * kw), cols).reshape(n, cout, h, w)
+    return out if bias is None else out + bias[:, None, None]
+
+
+def downsample(x: torch.Tensor) -> torch.Tensor:
+    """2x2 average pooling, written as four strided adds: the same numbers as
+    F.avg_pool2d(x, 2) (up to rounding), ~7x faster on NCHW CPU tensors (measured at batch 64)."""
+    return (x[..., ::2, ::2] + x[..., 1::2, ::2] + x[..., ::2, 1::2] + x[..., 1::2, 1::2]).mul_(0.25)
+
+
+def upsample(x: torch.Tensor) -> torch.Tensor:
+    """2x nearest-neighbour upsampling; exactly F.interpolate(x, scale_factor=2, mode="nearest"),
+    ~6x faster on NCHW CPU tensors (measured at batch 64)."""
+    return x.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
+
+
 def _resize_channels(cin: int, cout: int) -> nn.Module:
     return nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
@@ -151,17 +196,17 @@ class UNet(nn.Module):
         if temb.shape[0] > 1 and bool((temb == temb[:1]).all()):
             temb = temb[:1]  # one shared timestep (and label): blocks fold it into a conv bias
         temb = self.time_mlp(temb)
-        h = self.stem(x)
+        h = few_channel_conv(self.stem, x)
         skips = []
         for block, down in zip(self.enc, self.down):
             h = block(h, temb)
             skips.append(h)
-            h = down(F.avg_pool2d(h, 2))
+            h = down(downsample(h))
         h = self.mid(h, temb)
         for i in reversed(range(len(self.up))):
-            h = self.up[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+            h = self.up[i](upsample(h))
             h = self.dec[i](h + skips[i], temb)
-        return self.head(F.silu(self.head_norm(h)))
+        return few_channel_conv(self.head, F.silu(self.head_norm(h), inplace=not torch.is_grad_enabled()))
 
     def num_parameters(self) -> int:
         return count_parameters(self)

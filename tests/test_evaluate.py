@@ -70,7 +70,26 @@ def test_evaluation_end_to_end(tiny_world, capsys):
     md = (out / "results.md").read_text()
     assert "transfer: crafted on the bare classifier" in md and "adaptive: PGD+EOT" in md
     assert "Not evaluated (checkpoint missing): tt-r4" in md
-    assert (out / "mnist_accuracy.png").stat().st_size > 1000
+    assert (out / "figures" / "mnist_accuracy.png").stat().st_size > 1000
+    assert "![figures/mnist_accuracy.png](figures/mnist_accuracy.png)" in md
     assert len((out / "results.csv").read_text().splitlines()) == 1 + len(data["cells"])
     manifest = ckpt.read_manifest()
     assert "acc_gaussian_t20_ddim2" in manifest["checkpoints"]["mnist_tt-r2.safetensors"]["metrics"]
+
+
+def test_merge_keeps_other_datasets_with_their_commands(tiny_world):
+    out = tiny_world / "results"
+    args = ["--n", "4", "--seeds", "1", "--t-star", "10", "--steps", "1", "--corruptions", "clean", "gaussian",
+            "--purifiers", "none", "dense", "--no-timing", "--out", str(out)]
+    evaluate_main(["--dataset", "mnist"] + args)
+    other = json.loads((out / "results.json").read_text())
+    fake = json.loads(json.dumps(other["results"][0]))
+    fake["config"]["dataset"] = "cifar10"
+    fake["command"] = "python -m tendiff.evaluate --dataset cifar10 (earlier run)"
+    other["results"].append(fake)
+    (out / "results.json").write_text(json.dumps(other))
+    evaluate_main(["--dataset", "mnist", "--merge"] + args)  # replaces mnist, keeps cifar10
+    merged = json.loads((out / "results.json").read_text())["results"]
+    assert [r["config"]["dataset"] for r in merged] == ["mnist", "cifar10"]
+    md = (out / "results.md").read_text()
+    assert "(earlier run)" in md and "--merge" in md and "## cifar10" in md

@@ -18,7 +18,7 @@ def test_execution_modes_agree(layout, rank, stride, padding, kernel):
     layer = TTConv2d(12, 20, kernel, stride, padding, rank=rank, layout=layout).double()
     x = torch.randn(3, 12, 17, 19, dtype=torch.double)
     outs = {}
-    for mode in ("rebuild", "chain", "cached", "auto") + (("factored",) if layout == "tt" else ()):
+    for mode in ("rebuild", "chain", "cached", "auto"):
         layer.mode = mode
         with torch.no_grad():
             outs[mode] = layer(x)
@@ -28,7 +28,7 @@ def test_execution_modes_agree(layout, rank, stride, padding, kernel):
         assert rel_err(y, ref) < 1e-5, mode
 
 
-@pytest.mark.parametrize("mode", ["chain", "factored", "auto"])
+@pytest.mark.parametrize("mode", ["chain", "auto"])
 def test_factorized_modes_backpropagate_like_rebuild(mode):
     layer = TTConv2d(8, 8, 3, 1, 1, rank=2).double()
     x = torch.randn(2, 8, 9, 9, dtype=torch.double, requires_grad=True)
@@ -43,21 +43,16 @@ def test_factorized_modes_backpropagate_like_rebuild(mode):
         assert rel_err(b, a) < 1e-10
 
 
-def test_factored_mode_needs_the_tt_layout():
-    with pytest.raises(ValueError, match="factored"):
-        TTConv2d(8, 8, 3, rank=2, layout="authors", mode="factored")
-
-
-def test_auto_mode_takes_the_factored_pair_where_it_saves_arithmetic():
+def test_auto_mode_takes_the_chain_where_it_saves_arithmetic():
     layer = TTConv2d(48, 48, 3, 1, 1, rank=2)
     with torch.no_grad():
-        assert layer.resolve_mode(torch.zeros(1, 48, 28, 28)) == "factored"
+        assert layer.resolve_mode(torch.zeros(1, 48, 28, 28)) == "chain"
     full_rank = TTConv2d(8, 8, 3, 1, 1, rank=full_ranks(8, 8, 3, "tt"))
     with torch.no_grad():
         assert full_rank.resolve_mode(torch.zeros(1, 8, 28, 28)) == "cached"
 
 
-@pytest.mark.parametrize("mode", ["cached", "factored"])
+@pytest.mark.parametrize("mode", ["cached", "chain"])
 def test_cached_kernels_follow_weight_updates(mode):
     layer = TTConv2d(8, 8, 3, 1, 1, rank=2, mode=mode)
     x = torch.randn(1, 8, 6, 6)
@@ -75,7 +70,7 @@ def test_layers_built_in_inference_mode_run_in_every_mode():
         layer = TTConv2d.from_conv(nn.Conv2d(8, 8, 3, padding=1), 2)
         x = torch.randn(1, 8, 6, 6)
         outs = []
-        for mode in ("rebuild", "chain", "cached", "cached", "factored", "factored"):
+        for mode in ("rebuild", "chain", "chain", "cached", "cached"):
             layer.mode = mode
             outs.append(layer(x))
     assert all(rel_err(o, outs[0]) < 1e-5 for o in outs)
@@ -203,3 +198,25 @@ def test_shared_timestep_fast_path_matches_per_image_timesteps(conv):
     assert rel_err(mixed[2:], shared[2:]) > 1e-6  # the third image did get its own timestep
     # Training (gradients) takes the out-of-place path and gives the same values.
     assert rel_err(model(x, torch.tensor([100, 100, 7])), mixed) < 1e-12
+
+
+def test_resampling_matches_the_reference_ops():
+    from tendiff.unet import downsample, upsample
+    x = torch.randn(3, 5, 8, 12, requires_grad=True)
+    assert torch.allclose(downsample(x), nn.functional.avg_pool2d(x, 2), atol=1e-6)
+    assert torch.equal(upsample(x), nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    downsample(x).sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, 0.25))
+
+
+@pytest.mark.parametrize("cin, cout, k", [(1, 48, 3), (3, 48, 3), (48, 1, 3), (48, 3, 3), (2, 5, 5)])
+def test_few_channel_conv_matches_conv2d(cin, cout, k):
+    from tendiff.unet import few_channel_conv
+    conv = nn.Conv2d(cin, cout, k, 1, k // 2).double()
+    x = torch.randn(8, cin, 9, 11, dtype=torch.double, requires_grad=True)  # batch 8: the fast path
+    assert rel_err(few_channel_conv(conv, x), conv(x)) < 1e-12
+    few_channel_conv(conv, x).square().sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    conv(x).square().sum().backward()
+    assert rel_err(grad, x.grad) < 1e-12
