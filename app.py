@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tendiff.attacks import STRENGTH
 from tendiff.checkpoints import CheckpointIntegrityError, CheckpointNotFoundError
 from tendiff.data import CLASS_NAMES, DATASETS, IMAGE_SHAPE
 from tendiff.diffusion import METHODS
@@ -69,7 +70,10 @@ HEAVY_CONCURRENCY = int(os.environ.get("TENDIFF_CONCURRENCY", "1"))  # heavy run
 MAX_GIFS = 128  # GIFs kept in the app's temp folder
 MAX_PNG_FOLDERS = 4000  # displayed PNGs kept in the app's temp folder
 FRAME_INTERVAL = float(os.environ.get("TENDIFF_FRAME_INTERVAL", "0.1"))  # seconds between streamed frames
-STREAM_BUDGET = 1.0  # at most this much pacing in total, so the default run ends well under 2 s
+# Frames that compute faster than the eye are paced FRAME_INTERVAL apart, but never by more than
+# STREAM_BUDGET seconds in all, so pacing costs a run at most half a second (the default 10-step
+# run: ~45 ms between frames, and its final result still lands within 1 s).
+STREAM_BUDGET = float(os.environ.get("TENDIFF_STREAM_BUDGET", "0.5"))
 CSS = """
 .pixelated img, img.pixelated, .gallery img, #input-image img { image-rendering: pixelated; }
 #input-image img { width: 100% !important; height: 100% !important; object-fit: contain; }
@@ -461,9 +465,11 @@ def dataset_changed(dataset):
     model = DEFAULT_MODEL if DEFAULT_MODEL in models else (models[0] if models else None)
     first = ex[0][0] if ex else None
     cleared = (None,) * 10  # the previous dataset's results
+    strength = STRENGTH[dataset]  # the protocol's strengths for this dataset (e.g. eps 8/255 on CIFAR-10)
     return (gr.update(value=ex), gr.update(value=first),
             gr.update(choices=[UNKNOWN] + CLASS_NAMES[dataset], value=label_from_path(dataset, first) or UNKNOWN),
-            gr.update(choices=models, value=model), studio.status(dataset)) + cleared
+            gr.update(choices=models, value=model), studio.status(dataset)) + cleared + (
+            strength["gaussian"], strength["salt_pepper"], round(strength["pgd_linf"], 3))
 
 
 def example_selected(dataset, evt: gr.SelectData):
@@ -520,9 +526,11 @@ def build_demo() -> gr.Blocks:
                         gr.Markdown("### 2 · Corrupt")
                         kind = gr.Radio([(CORRUPTION_TITLES[k], k) for k in CORRUPTIONS], value="gaussian",
                                         label="Corruption", elem_id="corruption")
-                        sigma = gr.Slider(0, 1, 0.2, step=0.01, label="Gaussian sigma")
-                        p = gr.Slider(0, 1, 0.2, step=0.01, label="Salt-and-pepper p", visible=False)
-                        eps = gr.Slider(0, 0.5, 0.2, step=0.01, label="eps (L-inf, pixel units)", visible=False)
+                        sigma = gr.Slider(0, 1, STRENGTH["mnist"]["gaussian"], step=0.01, label="Gaussian sigma")
+                        p = gr.Slider(0, 1, STRENGTH["mnist"]["salt_pepper"], step=0.01, label="Salt-and-pepper p",
+                                      visible=False)
+                        eps = gr.Slider(0, 0.5, STRENGTH["mnist"]["pgd_linf"], step=0.001, visible=False,
+                                        label="eps (L-inf, pixel units; 8/255 = 0.031)")
                         attack_steps = gr.Slider(1, studio.limits.max_attack_steps, 10, step=1,
                                                  label="Attack steps (adaptive: at most "
                                                        f"{studio.limits.max_adaptive_steps})", visible=False)
@@ -616,11 +624,12 @@ def build_demo() -> gr.Blocks:
         # its error toast as many times.
         light = dict(concurrency_id="light", concurrency_limit=4)
         dataset.change(dataset_changed, dataset, [gallery, image, true_label, model, status, corrupted, x_t, x0, progress,
-                                                  lab_clean, lab_corrupt, lab_pure, plot, strip, gif],
+                                                  lab_clean, lab_corrupt, lab_pure, plot, strip, gif, sigma, p, eps],
                        api_visibility="private", queue=False).then(
-            prepare, [dataset, image], [seen, seen_msg], api_visibility="private", **light)
+            prepare, [dataset, image], [seen, seen_msg], api_name="prepare_dataset_default", api_visibility="private",
+            **light)
         gallery.select(example_selected, dataset, [image, true_label], api_visibility="private", queue=False).then(
-            prepare, [dataset, image], [seen, seen_msg], api_visibility="private", **light)
+            prepare, [dataset, image], [seen, seen_msg], api_name="prepare_example", api_visibility="private", **light)
         image.upload(lambda: UNKNOWN, None, true_label, api_visibility="private", queue=False)  # label unknown
         image.upload(prepare, [dataset, image], [seen, seen_msg], api_name="prepare", **light)
         image.clear(lambda: (None, "No input image: upload one or pick an example."), None, [seen, seen_msg],

@@ -4,7 +4,8 @@ Prints, in one run on this machine: the parameter count and the median time of o
 forward at each batch size for dense and for every TT rank and execution mode, with the ratio
 to dense; the same for a few representative single layers; and whole purifications (same t*,
 same steps). Weights are freshly initialised: timings do not depend on their values.
-Ratios are dense time / model time, so > 1 means faster than dense.
+Ratios are (the faster of dense NCHW and dense channels-last) / model time, so > 1 means
+faster than the best dense configuration.
 """
 from __future__ import annotations
 
@@ -32,9 +33,27 @@ def median_ms(fn, repeats: int, warmup: int = 3) -> float:
     return 1000 * statistics.median(times)
 
 
+class _NoConv(torch.nn.Module):
+    """Stands in for a residual block's 3x3 conv in the floor measurement: passes x through."""
+
+    def forward(self, x, extra_bias=None):
+        return x if extra_bias is None else x + extra_bias[:, None, None]
+
+
+def floor_model(dataset: str) -> UNet:
+    """The U-Net without its residual-block 3x3 convs: what any TT rank must still pay (norms,
+    activations, time embedding, resampling, skips, the dense stem and head)."""
+    model = UNet(preset(dataset)).eval()
+    for block in list(model.enc) + [model.mid] + list(model.dec):
+        block.conv1, block.conv2 = _NoConv(), _NoConv()
+    return model
+
+
 def model_variants(dataset: str, ranks, layouts=("tt",)):
     """(label, mode, model) for dense and each layout x rank x mode."""
-    yield "dense", "-", UNet(preset(dataset)).eval()
+    yield "dense", "nchw", UNet(preset(dataset)).eval()
+    yield "dense", "channels-last", UNet(preset(dataset)).eval().use_channels_last()
+    yield "floor (no 3x3 block convs)", "-", floor_model(dataset)
     for layout in layouts:
         for r in ranks:
             model = UNet(preset(dataset, layout, r)).eval()
@@ -44,7 +63,7 @@ def model_variants(dataset: str, ranks, layouts=("tt",)):
 
 def bench_forward(dataset: str, batch_sizes, ranks, layouts, repeats: int) -> list[dict]:
     cfg = preset(dataset)
-    rows, dense_ms = [], {}
+    rows = []
     for label, mode, model in model_variants(dataset, ranks, layouts):
         row = {"model": label, "mode": mode, "params": model.num_parameters()}
         for b in batch_sizes:
@@ -52,11 +71,17 @@ def bench_forward(dataset: str, batch_sizes, ranks, layouts, repeats: int) -> li
             t = torch.full((b,), 100)
             with torch.inference_mode():
                 ms = median_ms(lambda: model(x, t), repeats if b == 1 else max(3, repeats // 4))
-            if label == "dense":
-                dense_ms[b] = ms
             row[f"b{b}_ms"] = ms
-            row[f"b{b}_x"] = dense_ms[b] / ms
         rows.append(row)
+    return with_ratios(rows, batch_sizes)
+
+
+def with_ratios(rows: list[dict], batch_sizes) -> list[dict]:
+    """Add b{b}_x = (the faster dense variant's time) / (this row's time) for each batch size."""
+    for b in batch_sizes:
+        best = min(r[f"b{b}_ms"] for r in rows if r["model"] == "dense")
+        for r in rows:
+            r[f"b{b}_x"] = best / r[f"b{b}_ms"]
     return rows
 
 
@@ -86,18 +111,17 @@ def bench_layers(dataset: str, batch_sizes, ranks, repeats: int) -> list[dict]:
 def bench_purify(dataset: str, batch_sizes, ranks, t_star: int, steps: int, repeats: int) -> list[dict]:
     cfg = preset(dataset)
     diffusion = GaussianDiffusion()
-    rows, dense_ms = [], {}
-    models = [("dense", UNet(cfg).eval())] + [(f"tt-r{r}", UNet(preset(dataset, "tt", r)).eval()) for r in ranks]
-    for label, model in models:
-        row = {"model": label, "mode": "auto"}
+    rows = []
+    models = [("dense", "nchw", UNet(cfg).eval()), ("dense", "channels-last", UNet(cfg).eval().use_channels_last())]
+    models += [(f"tt-r{r}", "auto", UNet(preset(dataset, "tt", r)).eval()) for r in ranks]
+    for label, mode, model in models:
+        row = {"model": label, "mode": mode}
         for b in batch_sizes:
             x = torch.rand(b, cfg.in_channels, cfg.image_size, cfg.image_size)
-            ms = median_ms(lambda: purify_batch(model, diffusion, x, t_star, num_steps=steps), max(3, repeats // 4), 1)
-            if label == "dense":
-                dense_ms[b] = ms
-            row[f"b{b}_ms"], row[f"b{b}_x"] = ms, dense_ms[b] / ms
+            row[f"b{b}_ms"] = median_ms(lambda: purify_batch(model, diffusion, x, t_star, num_steps=steps),
+                                        max(3, repeats // 4), 1)
         rows.append(row)
-    return rows
+    return with_ratios(rows, batch_sizes)
 
 
 def bench_long_purification(dataset: str, rank: int, steps: int, t_star: int, repeats: int) -> dict:
@@ -106,10 +130,34 @@ def bench_long_purification(dataset: str, rank: int, steps: int, t_star: int, re
     diffusion = GaussianDiffusion()
     x = torch.rand(1, cfg.in_channels, cfg.image_size, cfg.image_size)
     row = {"steps": steps, "t_star": t_star}
-    for label, model in (("dense", UNet(cfg).eval()), (f"tt-r{rank}", UNet(preset(dataset, "tt", rank)).eval())):
+    for label, model in (("dense", UNet(cfg).eval()), ("dense_channels_last", UNet(cfg).eval().use_channels_last()),
+                         (f"tt-r{rank}", UNet(preset(dataset, "tt", rank)).eval())):
         row[f"{label}_ms"] = median_ms(lambda: purify_batch(model, diffusion, x, t_star, num_steps=steps),
                                        max(3, repeats // 6), 1)
     return row
+
+
+def bench_throughput(dataset: str, rank: int, t_star: int, steps: int, batch: int, devices) -> list[dict]:
+    """Images per second of batch purification, dense vs tt, in fp32 and under bf16 autocast,
+    on each device (the CPU, and CUDA when there is one)."""
+    cfg = preset(dataset)
+    diffusion = GaussianDiffusion()
+    rows = []
+    for device in devices:
+        x = torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+        for label, model in (("dense", UNet(cfg)), (f"tt-r{rank}", UNet(preset(dataset, "tt", rank)))):
+            model = model.to(device).eval()
+            row = {"device": device, "model": label, "batch": batch}
+            for dtype in (torch.float32, torch.bfloat16):
+                def run():
+                    with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                        purify_batch(model, diffusion, x, t_star, num_steps=steps)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                ms = median_ms(run, 3, 1)
+                row["fp32_img_s" if dtype == torch.float32 else "bf16_img_s"] = batch / (ms / 1000)
+            rows.append(row)
+    return rows
 
 
 def bench_app(timeout: float = 120.0) -> dict:
@@ -149,7 +197,7 @@ def bench_app(timeout: float = 120.0) -> dict:
                 raise RuntimeError("app.py did not serve its page")
             time.sleep(0.1)
         startup = time.perf_counter() - t0
-        client = Client(url, verbose=False)
+        client = Client(url, verbose=False, download_files=False)  # time the server, not file downloads
         args = ["mnist", handle_file(str(root / "assets" / "mnist_7_0.png")), "7", "gaussian", 0.2, 0.2, 0.2, 10,
                 1, 2, 0, DEFAULT_MODEL, DEFAULT_T_STAR, DEFAULT_METHOD, DEFAULT_STEPS]
         clicks = []
@@ -191,7 +239,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10, help="reverse steps for the purification timing")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--long-steps", type=int, default=100, help="reverse steps of the batch-1 long purification")
-    p.add_argument("--skip", nargs="*", default=[], choices=["forward", "layers", "purify", "long", "app"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["forward", "layers", "purify", "long", "throughput", "app"])
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -215,6 +263,12 @@ def main(argv=None):
         print(f"\n## Batch-1 purification, {args.long_steps} DDIM steps from t*={args.long_steps * 2} (median ms)\n")
         row = bench_long_purification(args.dataset, 2, args.long_steps, args.long_steps * 2, args.repeats)
         print(format_table([row], list(row)))
+    if "throughput" not in args.skip:
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        print(f"\n## Batch purification throughput, batch 256, t*={args.t_star}, {args.steps} DDIM steps "
+              f"(images/s; bf16 = autocast){'' if 'cuda' in devices else '; no GPU on this machine'}\n")
+        rows = bench_throughput(args.dataset, 2, args.t_star, args.steps, 256, devices)
+        print(format_table(rows, ["device", "model", "batch", "fp32_img_s", "bf16_img_s"]))
     print(f"\npeak resident memory of this benchmark: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     if "app" not in args.skip:
         print("\n## The app (python app.py on the committed checkpoints, driven by gradio_client)\n")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import attacks
+from .attacks import STRENGTH
 from . import checkpoints as ckpt
 from .classifiers import predict
 from .data import DATASETS, load_dataset
@@ -40,11 +41,6 @@ from .tt import TTConv2d
 CORRUPTIONS = ("clean", "gaussian", "salt_pepper", "pgd_linf", "autoattack_l2", "adaptive")
 PURIFIERS = ("none", "dense", "tt-r1", "tt-r2", "tt-r3", "tt-r4", "authors-r3", "tt-r2/one-step",
              "dense-cond/guided")
-STRENGTH = {  # corruption parameters per dataset (pixel units in [0, 1])
-    "mnist": {"gaussian": 0.2, "salt_pepper": 0.2, "pgd_linf": 0.3, "autoattack_l2": 0.5},
-    "fashion_mnist": {"gaussian": 0.2, "salt_pepper": 0.2, "pgd_linf": 0.1, "autoattack_l2": 0.5},
-    "cifar10": {"gaussian": 0.2, "salt_pepper": 0.15, "pgd_linf": 8 / 255, "autoattack_l2": 0.5},
-}
 THREAT = {
     "clean": "no corruption",
     "gaussian": "random noise (no attacker)",

@@ -129,6 +129,7 @@ class TTConv2d(nn.Module):
         self.cores = nn.ParameterList([nn.Parameter(torch.empty(s)) for s in shapes])
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self._cache: dict[str, tuple[tuple, object]] = {}
+        self._auto_modes: dict[tuple[int, int], str] = {}  # input size -> the path "auto" takes
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -198,6 +199,14 @@ class TTConv2d(nn.Module):
             u_in, g_h, g_w, u_out = self.cores
             r1, _, r3 = self.ranks
             n, _, h, w = x.shape
+            if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+                # Channels-last (training): the 1x1 projections are products over the last,
+                # contiguous axis of the NHWC view; no copies.
+                z = torch.matmul(x.permute(0, 2, 3, 1), u_in).permute(0, 3, 1, 2)
+                z = F.conv2d(z, self._spatial_kernel(), None, self.stride, self.padding)
+                out = torch.matmul(z.permute(0, 2, 3, 1), u_out)
+                out = out if bias is None else out + bias
+                return out.permute(0, 3, 1, 2)
             # (R1, I) @ (n, I, h*w): the input core as a 1x1 projection.
             z = torch.matmul(u_in.t(), x.reshape(n, self.in_channels, h * w)).reshape(n, r1, h, w)
             z = F.conv2d(z, self._spatial_kernel(), None, self.stride, self.padding)
@@ -236,11 +245,13 @@ class TTConv2d(nn.Module):
         mode = self.mode
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.cores)
         if mode == "auto":
-            h, w = x.shape[-2:]
-            dense = self.macs(h, w, "dense")
-            # The chain launches three ops instead of one; only worth it when it saves most
-            # of the arithmetic (measured in tendiff.bench).
-            mode = "chain" if self.macs(h, w, "chain") * 3 < dense else "cached"
+            size = tuple(x.shape[-2:])
+            mode = self._auto_modes.get(size)
+            if mode is None:  # decided once per input size: batch-1 calls are dominated by such overheads
+                # The chain launches three ops instead of one; only worth it when it saves most
+                # of the arithmetic (measured in tendiff.bench).
+                chain, dense = self.macs(*size, "chain"), self.macs(*size, "dense")
+                mode = self._auto_modes[size] = "chain" if chain * 3 < dense else "cached"
         if mode == "cached" and needs_grad:
             mode = "rebuild"
         return mode

@@ -105,7 +105,7 @@ class ResBlock(nn.Module):
 
 def conv_with_extra_bias(conv: nn.Module, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
     """conv(x) + extra[None, :, None, None], with extra folded into the conv's bias."""
-    if isinstance(conv, TTConv2d):
+    if not isinstance(conv, nn.Conv2d):  # TTConv2d (or any conv-like module taking extra_bias)
         return conv(x, extra_bias=extra)
     bias = extra if conv.bias is None else conv.bias + extra
     return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding)
@@ -164,6 +164,7 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.config = cfg
+        self.memory_format = torch.contiguous_format  # of the activations; see use_channels_last
         ch = cfg.channels
         self.time_mlp = nn.Sequential(nn.Linear(cfg.time_dim, cfg.time_dim), nn.SiLU())
         self.label_embed = nn.Embedding(cfg.num_classes + 1, cfg.time_dim) if cfg.num_classes else None
@@ -196,7 +197,7 @@ class UNet(nn.Module):
         if temb.shape[0] > 1 and bool((temb == temb[:1]).all()):
             temb = temb[:1]  # one shared timestep (and label): blocks fold it into a conv bias
         temb = self.time_mlp(temb)
-        h = few_channel_conv(self.stem, x)
+        h = few_channel_conv(self.stem, x).contiguous(memory_format=self.memory_format)
         skips = []
         for block, down in zip(self.enc, self.down):
             h = block(h, temb)
@@ -210,6 +211,13 @@ class UNet(nn.Module):
 
     def num_parameters(self) -> int:
         return count_parameters(self)
+
+    def use_channels_last(self, enabled: bool = True) -> "UNet":
+        """Run the activations (and dense conv weights) channels-last. oneDNN's dense 3x3 convs
+        are ~2.7x faster that way on CPU at batch 64, while TT chains and GroupNorm prefer NCHW;
+        tendiff.bench measures both, and purification takes whichever the model is set to."""
+        self.memory_format = torch.channels_last if enabled else torch.contiguous_format
+        return self.to(memory_format=self.memory_format)
 
 
 def unet_from_dense(dense: UNet, rank, layout: str = "tt", mode: str = "auto") -> UNet:

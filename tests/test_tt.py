@@ -209,7 +209,7 @@ def test_resampling_matches_the_reference_ops():
     assert torch.allclose(x.grad, torch.full_like(x, 0.25))
 
 
-@pytest.mark.parametrize("cin, cout, k", [(1, 48, 3), (3, 48, 3), (48, 1, 3), (48, 3, 3), (2, 5, 5)])
+@pytest.mark.parametrize("cin, cout, k", [(1, 48, 3), (3, 48, 3), (48, 1, 3), (48, 3, 3), (1, 4, 5), (6, 2, 5)])
 def test_few_channel_conv_matches_conv2d(cin, cout, k):
     from tendiff.unet import few_channel_conv
     conv = nn.Conv2d(cin, cout, k, 1, k // 2).double()
@@ -220,3 +220,27 @@ def test_few_channel_conv_matches_conv2d(cin, cout, k):
     x.grad = None
     conv(x).square().sum().backward()
     assert rel_err(grad, x.grad) < 1e-12
+
+
+@pytest.mark.parametrize("conv", ["dense", "tt"])
+def test_channels_last_computes_the_same(conv):
+    model = UNet(preset("mnist", conv, 2)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x, torch.tensor(50))
+        out = model.use_channels_last()(x, torch.tensor(50))
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_chain_on_channels_last_input_matches(stride):
+    layer = TTConv2d(12, 20, 3, stride, 1, rank=(2, 3, 4), mode="chain").double()
+    x = torch.randn(3, 12, 10, 10, dtype=torch.double)
+    ref = nn.functional.conv2d(x, layer.full_kernel(), layer.bias, stride, 1)
+    xc = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = layer(xc)
+    assert rel_err(out, ref) < 1e-10
+    out.sum().backward()
+    assert xc.grad is not None and all(p.grad is not None for p in layer.parameters())
