@@ -336,6 +336,33 @@ def pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
 
+SUMMARY_PURIFIERS = ("none", "dense", "tt-r2", "authors-r3", "tt-r2/one-step", "dense-cond/guided")
+
+
+def summary_markdown(results: list[dict], purifiers=SUMMARY_PURIFIERS) -> str:
+    """A compact table (accuracy %, mean over seeds; worst-of-seeds under attack) of a few
+    purifiers per dataset, for the README: ``python -m tendiff.evaluate --summarize docs/results.json``."""
+    corrs = list(dict.fromkeys(c["corruption"] for r in results for c in r["cells"]))
+    short = {"clean": "clean", "gaussian": "Gaussian", "salt_pepper": "salt & pepper", "pgd_linf": "PGD L-inf (transfer)",
+             "autoattack_l2": "AutoAttack L2 (transfer)", "adaptive": "PGD+EOT (adaptive)"}
+    lines = ["| dataset | purifier | " + " | ".join(short.get(c, c) for c in corrs) + " |",
+             "|---|---|" + "---|" * len(corrs)]
+    for r in results:
+        cells = {(c["corruption"], c["purifier"]): c for c in r["cells"]}
+        for p in purifiers:
+            if not any((c, p) in cells for c in corrs):
+                continue
+            row = []
+            for c in corrs:
+                cell = cells.get((c, p))
+                txt = "" if cell is None else pct(cell["accuracy"])
+                if cell is not None and c in ATTACKS and cell["seeds"] > 1:
+                    txt += f" ({pct(cell['worst_of_seeds'])})"
+                row.append(txt)
+            lines.append(f"| {r['config']['dataset']} | {p} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def claims(result: dict) -> list[str]:
     """What our measurements say about the paper's testable claims, for one dataset."""
     lines = []
@@ -546,6 +573,8 @@ def parse_args(argv=None):
     p.add_argument("--no-timing", action="store_true", help="skip the per-purifier timings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/results")
+    p.add_argument("--summarize", metavar="RESULTS_JSON",
+                   help="print the README's summary table of an earlier run's results.json and exit")
     p.add_argument("--merge", action="store_true",
                    help="keep the other datasets' results already in --out (run datasets one at a time)")
     p.add_argument("--record-metrics", action="store_true",
@@ -572,6 +601,9 @@ def record_metrics(result: dict) -> None:
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.summarize:
+        print(summary_markdown(json.loads(Path(args.summarize).read_text())["results"]))
+        return
     command = "python -m tendiff.evaluate " + " ".join(shlex.quote(a) for a in argv)
     datasets = DATASETS if args.dataset == "all" else (args.dataset,)
     results = []

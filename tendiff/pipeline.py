@@ -791,9 +791,11 @@ def parameter_table(dataset: str, ranks: Sequence[int] = range(1, 9)) -> list[di
 def gif_bytes(frames: Sequence[Frame], scale: int = 6, duration_ms: int = 150) -> bytes:
     """An animated GIF of the purification: x_t | predicted x_0 side by side per step."""
     images = []
+    # Gray images stay gray: a grayscale GIF needs no per-frame colour quantisation (the slow part).
+    mode = "L" if frames[0].x_t.shape[1] == 1 else "RGB"
     for f in frames:
-        a, b = to_pil(f.x_t, scale).convert("RGB"), to_pil(f.pred_x0, scale).convert("RGB")
-        canvas = Image.new("RGB", (a.width * 2 + scale, a.height), (255, 255, 255))
+        a, b = to_pil(f.x_t, scale).convert(mode), to_pil(f.pred_x0, scale).convert(mode)
+        canvas = Image.new(mode, (a.width * 2 + scale, a.height), 255 if mode == "L" else (255, 255, 255))
         canvas.paste(a, (0, 0))
         canvas.paste(b, (a.width + scale, 0))
         images.append(canvas)

@@ -77,7 +77,7 @@ def test_evaluation_end_to_end(tiny_world, capsys):
     assert "acc_gaussian_t20_ddim2" in manifest["checkpoints"]["mnist_tt-r2.safetensors"]["metrics"]
 
 
-def test_merge_keeps_other_datasets_with_their_commands(tiny_world):
+def test_merge_keeps_other_datasets_with_their_commands(tiny_world, capsys):
     out = tiny_world / "results"
     args = ["--n", "4", "--seeds", "1", "--t-star", "10", "--steps", "1", "--corruptions", "clean", "gaussian",
             "--purifiers", "none", "dense", "--no-timing", "--out", str(out)]
@@ -93,3 +93,9 @@ def test_merge_keeps_other_datasets_with_their_commands(tiny_world):
     assert [r["config"]["dataset"] for r in merged] == ["mnist", "cifar10"]
     md = (out / "results.md").read_text()
     assert "(earlier run)" in md and "--merge" in md and "## cifar10" in md
+    capsys.readouterr()
+    evaluate_main(["--summarize", str(out / "results.json")])
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith("| dataset | purifier | clean | Gaussian |")
+    assert [row.split(" | ")[:2] for row in table[2:]] == [["| mnist", "none"], ["| mnist", "dense"],
+                                                           ["| cifar10", "none"], ["| cifar10", "dense"]]
