@@ -593,9 +593,11 @@ def record_metrics(result: dict) -> None:
         if name == "none":
             metrics = {k.replace("acc_", "acc_unpurified_"): v for k, v in metrics.items()}
             metrics["n_eval"] = result["config"]["n"]
+            metrics["n_eval_attacks"] = result["config"]["n_attack"]
             ckpt.set_metrics(ckpt.checkpoint_name(ds, "classifier"), metrics)
         elif "/" not in name:
-            ckpt.set_metrics(ckpt.checkpoint_name(ds, name), {**metrics, "n_eval": result["config"]["n"]})
+            ckpt.set_metrics(ckpt.checkpoint_name(ds, name), {**metrics, "n_eval": result["config"]["n"],
+                                                              "n_eval_attacks": result["config"]["n_attack"]})
 
 
 def main(argv=None):

@@ -178,7 +178,12 @@ class TTConv2d(nn.Module):
         return self._cached("spatial", contract)
 
     def _cached(self, name: str, compute):
+        # A kernel made under inference mode is an inference tensor, which autograd refuses to
+        # save even as a constant (an attack differentiating w.r.t. the input through frozen
+        # weights): such calls get their own entry, made outside inference mode.
+        inference = torch.is_inference_mode_enabled()
         key = self._cache_key()
+        name = name if inference else name + "/autograd"
         entry = self._cache.get(name)
         if entry is None or entry[0] != key:
             with torch.no_grad():

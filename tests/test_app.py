@@ -174,6 +174,16 @@ def test_pipeline_streams_every_step_and_caches():
     assert torch.equal(again[-1][1].purified, result.purified)
 
 
+@pytest.mark.skipif(bool(missing_checkpoints("cifar10")), reason="CIFAR-10 checkpoints not trained yet")
+def test_pipeline_purifies_cifar10_in_colour():
+    studio = Studio()
+    x = prepare_image(ASSETS / "cifar10_3_0.png", "cifar10").tensor
+    events = list(studio.run_stream("cifar10", x, 3, CorruptionSpec("salt_pepper", p=0.15), PurifySpec(steps=3, seed=1)))
+    result = events[-1][1]
+    assert len(events) == 4 and result.purified.shape == (1, 3, 32, 32) and result.probs_purified.shape == (10,)
+    assert "ready" in studio.status("cifar10")
+
+
 # --------------------------------------------------------------------- the app
 @pytest.fixture(scope="module")
 def client(app_url):

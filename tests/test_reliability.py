@@ -66,7 +66,7 @@ UPLOADS = {
                              "from a 28x28 F image"),
     "float tiff with nan/inf": (lambda: float_tiff(nan_array()), "mnist", "NaN or infinite"),
     "float tiff out of range": (lambda: float_tiff(np.full((28, 28), 7.0)), "mnist", r"must lie in \[0, 1\]"),
-    "not an image": (lambda: b"%PDF-1.4 not an image", "mnist", "not an image"),
+    "not an image": (lambda: b"%PDF-1.4 not an image", "mnist", "not an image|could not be read as an image"),
 }
 WORKS = {"cmyk jpeg -> rgb", "cmyk jpeg -> gray", "gray where rgb", "rgb where gray", "float tiff in [0, 1]"}
 

@@ -244,3 +244,17 @@ def test_chain_on_channels_last_input_matches(stride):
     assert rel_err(out, ref) < 1e-10
     out.sum().backward()
     assert xc.grad is not None and all(p.grad is not None for p in layer.parameters())
+
+
+@pytest.mark.parametrize("mode", ["chain", "cached", "auto"])
+def test_input_gradients_through_frozen_layers_after_inference_calls(mode):
+    """An attack differentiates w.r.t. the input through frozen weights after the app has run
+    the same layer under inference mode (which fills the kernel caches with inference tensors)."""
+    layer = TTConv2d(8, 8, 3, 1, 1, rank=2, mode=mode).requires_grad_(False)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.inference_mode():
+        ref = layer(x)
+    x = x.clone().requires_grad_()
+    out = layer(x)
+    out.square().sum().backward()
+    assert torch.allclose(out, ref, atol=1e-6) and x.grad is not None and x.grad.abs().sum() > 0
