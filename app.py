@@ -517,8 +517,11 @@ def build_demo() -> gr.Blocks:
                             sources=["upload", "clipboard"], label="Input image (upload any image)", height=200,
                             elem_id="input-image", elem_classes=["pixelated"]))
                         true_label = gr.Dropdown([UNKNOWN] + CLASS_NAMES[default_ds], value=label_from_path(default_ds, default_image),
-                                                 label="True label",
-                                                 elem_id="true-label")
+                                                 label="True label", elem_id="true-label",
+                                                 # The choices follow the dataset in the browser, but an API
+                                                 # call sees the initial (MNIST) list: the pipeline checks
+                                                 # the label against the request's dataset instead.
+                                                 allow_custom_value=True)
                         with gr.Row():
                             seen = gr.Image(label="What the model sees", format="png", interactive=False, height=170,
                                             elem_id="model-view")

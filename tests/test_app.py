@@ -302,6 +302,19 @@ def test_purify_rejects_bad_parameters(client):
 
 
 @pytest.mark.slow
+def test_api_takes_labels_of_the_requested_dataset(client):
+    if missing_checkpoints("cifar10"):
+        pytest.skip("CIFAR-10 checkpoints not trained yet")
+    args = run_args(label="cat", image="cifar10_3_0.png")
+    args[0] = "cifar10"
+    out, clean, corrupted, threat = client.predict(*args, api_name="/corrupt")
+    assert len(clean["confidences"]) == 3
+    args[2] = "seven"
+    with pytest.raises(Exception, match="seven"):
+        client.predict(*args, api_name="/corrupt")
+
+
+@pytest.mark.slow
 def test_compare_endpoint(client):
     gallery, table, status = client.predict(*run_args(seed=3), "ddim", 5, api_name="/compare")
     assert [row[0] for row in table["data"]] == list(COMPARE_LABELS)
