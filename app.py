@@ -57,6 +57,7 @@ from tendiff.pipeline import (CORRUPTION_TITLES, CORRUPTIONS, DATASET_TITLES, DE
                               DEFAULT_STEPS, DEFAULT_T_STAR, CorruptionSpec, PurifySpec, Studio,
                               check_dataset, check_label, display_scale, gif_bytes, parameter_table,
                               prepare_image, strip_image, to_pil, topk)
+from tendiff.runtime import tune_allocator
 from tendiff.tt import tt_param_count
 
 ROOT = Path(__file__).resolve().parent
@@ -87,6 +88,7 @@ CSS = """
 # Batch-1 inference on 28x28 images gains nothing from intra-op threads, and on a busy 2-core
 # machine two OpenMP threads fighting another process are ~100x slower than one (measured).
 torch.set_num_threads(int(os.environ.get("TENDIFF_THREADS", "1")))
+tune_allocator()
 studio = Studio()
 _tmp = Path(tempfile.mkdtemp(prefix="tendiff-studio-"))
 

@@ -18,6 +18,7 @@ import time
 import torch
 
 from .diffusion import GaussianDiffusion, purify_batch
+from .runtime import tune_allocator
 from .tt import MODES, TTConv2d, set_mode
 from .unet import UNet, preset
 
@@ -240,12 +241,16 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--long-steps", type=int, default=100, help="reverse steps of the batch-1 long purification")
     p.add_argument("--skip", nargs="*", default=[], choices=["forward", "layers", "purify", "long", "throughput", "app"])
+    p.add_argument("--default-allocator", action="store_true",
+                   help="keep glibc's malloc thresholds (see tendiff.runtime) to measure what tuning them buys")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    tuned = False if args.default_allocator else tune_allocator()
     torch.manual_seed(0)
     print(f"# tendiff.bench on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, dataset {args.dataset}")
+          f"torch {torch.__version__}, dataset {args.dataset}, "
+          f"allocator {'tuned (tendiff.runtime)' if tuned else 'glibc defaults'}")
     bs = args.batch_sizes
     cols = [c for b in bs for c in (f"b{b}_ms", f"b{b}_x")]
     if "forward" not in args.skip:

@@ -151,9 +151,9 @@ class GaussianDiffusion:
                     guidance_scale: float = 0.0) -> torch.Tensor:
         """The model's noise estimate; with a label, classifier-free guidance
         eps = (1 + w) eps(x, y) - w eps(x, null)  (Ho & Salimans 2022, Eq. 6)."""
+        if label is None:  # a 0-dim t: one timestep for the whole batch
+            return model(x_t, torch.tensor(t, dtype=torch.long, device=x_t.device))
         tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
-        if label is None:
-            return model(x_t, tt)
         if not getattr(model, "label_embed", None):
             raise ValueError("guidance needs a class-conditional model (num_classes > 0)")
         null = torch.full_like(label, model.null_label)

@@ -36,6 +36,7 @@ from . import checkpoints as ckpt
 from .classifiers import predict
 from .data import DATASETS, load_dataset
 from .diffusion import GaussianDiffusion, purify_batch
+from .runtime import tune_allocator
 from .tt import TTConv2d
 
 CORRUPTIONS = ("clean", "gaussian", "salt_pepper", "pgd_linf", "autoattack_l2", "adaptive")
@@ -607,6 +608,7 @@ def main(argv=None):
         print(summary_markdown(json.loads(Path(args.summarize).read_text())["results"]))
         return
     command = "python -m tendiff.evaluate " + " ".join(shlex.quote(a) for a in argv)
+    tune_allocator()
     datasets = DATASETS if args.dataset == "all" else (args.dataset,)
     results = []
     for ds in datasets:

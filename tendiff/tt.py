@@ -23,12 +23,13 @@ convolutions (groups = O), which is not cheaper than the dense kernel.
 Three execution modes compute the same function:
 ``rebuild`` rebuilds the dense kernel on every call (what the authors' code does);
 ``chain`` runs the cores as a chain: for ``tt``, the input core as a 1x1 projection I->R1
-(a matrix product), the two spatial cores as one kh x kw convolution R1->R3 (they are
-contracted first: R1 kh kw R3 numbers), and the output core as a 1x1 projection R3->O with
-the bias: three launches, (I R1 + R1 R3 kh kw + R3 O) multiply-accumulates per pixel instead
-of I O kh kw. Doing the 1x1 steps as matrix products rather than convolutions matters on
-CPU: oneDNN reorders NCHW tensors around 1x1 convolutions (a 48-wide rank-2 layer at batch 64,
-one thread on a busy machine: 15.8 ms as four convs, 2.0 ms this way);
+(a batched matrix product), the two spatial cores as one kh x kw convolution R1->R3 (they are
+contracted first: R1 kh kw R3 numbers), and the output core as a 1x1 projection R3->O that
+also adds the bias (through an extra channel of ones): three launches, about
+(I R1 + R1 R3 kh kw + R3 O) multiply-accumulates per pixel instead of I O kh kw
+(:meth:`TTConv2d.chain_factors`). Doing the 1x1 steps as matrix products rather than
+convolutions matters on CPU: oneDNN reorders NCHW tensors around 1x1 convolutions (a 48-wide
+rank-2 layer at batch 64, one thread on a busy machine: 15.8 ms as four convs, 2.0 ms this way);
 ``cached`` rebuilds once and reuses the kernel until a core changes (detected through the
 parameters' in-place version counters), and falls back to ``rebuild`` whenever gradients are
 needed. ``auto`` picks, per call, the chain or the full kernel by their multiply-accumulate
@@ -170,12 +171,23 @@ class TTConv2d(nn.Module):
         return tuple((None if p.is_inference() else p._version, p.data_ptr(), p.device, p.dtype)
                      for p in self.cores)
 
-    def _spatial_kernel(self) -> torch.Tensor:
-        """The two spatial cores contracted into one (R3, R1, kh, kw) kernel (cached for inference)."""
+    def _spatial_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two spatial cores contracted into one (R3 + 1, R1, kh, kw) kernel, and its bias.
+
+        The extra output channel has zero weights and bias 1, so the conv also emits a channel
+        of ones: the output core then carries the layer's bias as one more column, and the
+        whole output is a single matrix product (no separate pass to add the bias).
+        Cached for inference.
+        """
         def contract():
-            return torch.einsum("paq,qbr->rpab", self.cores[1], self.cores[2])
-        if torch.is_grad_enabled() and (self.cores[1].requires_grad or self.cores[2].requires_grad):
-            return contract()
+            spatial = torch.einsum("paq,qbr->rpab", self.cores[1], self.cores[2])
+            ones = spatial.new_zeros((1,) + spatial.shape[1:])
+            bias = spatial.new_zeros(spatial.shape[0] + 1)
+            bias[-1] = 1.0
+            return torch.cat([spatial, ones]), bias
+        if torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and (self.cores[1].requires_grad or self.cores[2].requires_grad)):
+            return contract()  # (a compiled graph folds or fuses the contraction itself)
         return self._cached("spatial", contract)
 
     def _cached(self, name: str, compute):
@@ -198,29 +210,49 @@ class TTConv2d(nn.Module):
     def _forward_dense(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding)
 
-    def _forward_chain(self, x: torch.Tensor, bias) -> torch.Tensor:
+    def chain_factors(self, x: torch.Tensor, extra_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``tt`` layer on an NCHW input as a product per image: ``self(x, extra_bias)`` equals
+        ``(w @ z).reshape(n, O, ho, wo)``, with
+
+        * z (n, R3 + 1, ho * wo): x through the input core (a 1x1 projection I -> R1) and the
+          contracted spatial cores (one kh x kw conv R1 -> R3), plus a channel of ones;
+        * w (O, R3 + 1): the output core, with the bias (plus ``extra_bias``) as its last column.
+
+        Returned apart so that a caller can fold what follows the conv into w before the one
+        full-width product (unet.ResBlock folds GroupNorm into it).
+        """
+        if self.layout != "tt":
+            raise ValueError("chain_factors needs the tt layout")
+        u_in, _, _, u_out = self.cores
+        r1, _, r3 = self.ranks
+        n, _, h, w = x.shape
+        # Per image (R1, I) @ (I, h*w), batched with the core expanded (stride 0) over the batch.
+        # torch.matmul would be ~10x slower here: with a core that requires grad it copies x
+        # into a transposed layout first (measured at batch 64, 48 channels, 28x28: 2.7 vs
+        # 0.2 ms forward, 10.5 vs 2.1 ms forward+backward).
+        z = torch.bmm(u_in.t().expand(n, r1, self.in_channels), x.reshape(n, self.in_channels, h * w))
+        kernel, ones_bias = self._spatial_kernel()
+        z = F.conv2d(z.reshape(n, r1, h, w), kernel, ones_bias, self.stride, self.padding)
+        bias = self.bias
+        if extra_bias is not None:
+            bias = extra_bias if bias is None else bias + extra_bias
+        if bias is None:
+            bias = u_out.new_zeros(self.out_channels)
+        return z.reshape(n, r3 + 1, -1), torch.cat([u_out.t(), bias[:, None]], 1)
+
+    def _forward_chain(self, x: torch.Tensor, extra_bias) -> torch.Tensor:
         kh, kw = self.kernel_size
         (sh, sw), (ph, pw) = self.stride, self.padding
         if self.layout == "tt":
-            u_in, g_h, g_w, u_out = self.cores
-            r1, _, r3 = self.ranks
-            n, _, h, w = x.shape
             if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-                # Channels-last (training): the 1x1 projections are products over the last,
-                # contiguous axis of the NHWC view; no copies.
-                z = torch.matmul(x.permute(0, 2, 3, 1), u_in).permute(0, 3, 1, 2)
-                z = F.conv2d(z, self._spatial_kernel(), None, self.stride, self.padding)
-                out = torch.matmul(z.permute(0, 2, 3, 1), u_out)
-                out = out if bias is None else out + bias
-                return out.permute(0, 3, 1, 2)
-            # (R1, I) @ (n, I, h*w): the input core as a 1x1 projection.
-            z = torch.matmul(u_in.t(), x.reshape(n, self.in_channels, h * w)).reshape(n, r1, h, w)
-            z = F.conv2d(z, self._spatial_kernel(), None, self.stride, self.padding)
-            ho, wo = z.shape[-2:]
-            out = torch.matmul(u_out.t(), z.reshape(n, r3, ho * wo))  # (O, R3) @ (n, R3, ho*wo)
-            if bias is not None:
-                out = out.add_(bias[:, None]) if not out.requires_grad else out + bias[:, None]
-            return out.reshape(n, self.out_channels, ho, wo)
+                x = x.contiguous()  # (a copy; the models run TT layers in NCHW)
+            n = x.shape[0]
+            z, w = self.chain_factors(x, extra_bias)
+            ho, wo = _conv_out_size(x.shape[2], kh, sh, ph), _conv_out_size(x.shape[3], kw, sw, pw)
+            return torch.bmm(w.expand(n, -1, -1), z).reshape(n, self.out_channels, ho, wo)
+        bias = self.bias
+        if extra_bias is not None:
+            bias = extra_bias if bias is None else bias + extra_bias
         a, b, c = self.cores
         r0, r1 = self.ranks
         o = self.out_channels
@@ -257,19 +289,21 @@ class TTConv2d(nn.Module):
                 # The chain launches three ops instead of one; only worth it when it saves most
                 # of the arithmetic (measured in tendiff.bench).
                 chain, dense = self.macs(*size, "chain"), self.macs(*size, "dense")
-                mode = self._auto_modes[size] = "chain" if chain * 3 < dense else "cached"
-        if mode == "cached" and needs_grad:
+                mode = "chain" if chain * 3 < dense else "cached"
+                if not torch.compiler.is_compiling():
+                    self._auto_modes[size] = mode
+        if mode == "cached" and (needs_grad or torch.compiler.is_compiling()):
             mode = "rebuild"
         return mode
 
     def forward(self, x: torch.Tensor, extra_bias: torch.Tensor | None = None) -> torch.Tensor:
         """The convolution of x; ``extra_bias`` (O,), if given, is added to the bias for free."""
         mode = self.resolve_mode(x)
+        if mode == "chain":
+            return self._forward_chain(x, extra_bias)
         bias = self.bias
         if extra_bias is not None:
             bias = extra_bias if bias is None else bias + extra_bias
-        if mode == "chain":
-            return self._forward_chain(x, bias)
         if mode == "cached":
             return self._forward_dense(x, self.cached_kernel(), bias)
         return self._forward_dense(x, self.full_kernel(), bias)

@@ -87,11 +87,17 @@ class ResBlock(nn.Module):
         self.time_proj = nn.Linear(cfg.time_dim, channels)
         self.norm2 = nn.GroupNorm(cfg.groups, channels)
         self.conv2 = _conv(cfg, channels, channels)
+        self.fuse = True  # the fused inference path for TT convs (see _forward_fused_tt)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         # In-place activations save a full-size allocation each; autograd needs the inputs.
         inplace = not torch.is_grad_enabled()
         time_bias = self.time_proj(temb)
+        # Fusing trades full-width passes for a dozen small ops: worth it from a few thousand
+        # pixels (measured: slower at batch 1 on 28x28, faster at batch 64).
+        if (self.fuse and inplace and time_bias.shape[0] == 1 and x.shape[0] * x.shape[2] * x.shape[3] >= 4096
+                and self._tt_chains(x)):
+            return self._forward_fused_tt(x, time_bias[0])
         h = F.silu(self.norm1(x), inplace=inplace)
         if time_bias.shape[0] == 1:
             # Every image shares one timestep (as in purification): the time offset is a
@@ -101,6 +107,43 @@ class ResBlock(nn.Module):
             h = self.conv1(h) + time_bias[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         return h.add_(x)
+
+    def _tt_chains(self, x: torch.Tensor) -> bool:
+        """Whether both convs are ``tt`` layers that will run as chains on this NCHW input."""
+        return all(isinstance(c, TTConv2d) and c.layout == "tt" and c.stride == (1, 1)
+                   and c.resolve_mode(x) == "chain" for c in (self.conv1, self.conv2)) and x.is_contiguous()
+
+    def _forward_fused_tt(self, x: torch.Tensor, time_bias: torch.Tensor) -> torch.Tensor:
+        """The block for TT convs at inference, with fewer passes over full-width activations.
+
+        conv1's output is w @ z per image with z only R+1 channels wide (TTConv2d.chain_factors).
+        GroupNorm of a linear map of z needs only z's mean and R x R covariance: per channel c,
+        mean_c = w_c . m and var_c = w_c^T Cov w_c, and a group's variance is the mean over its
+        channels of var_c + (mean_c - mean_g)^2 (law of total variance). The normalisation is
+        then a per-image scaling of w's rows plus a shift in its bias column, so norm2(conv1(.))
+        is one batched product: the full-width conv1 output is never written unnormalised.
+        conv2's product adds the residual stream as it writes (baddbmm). Same numbers as
+        ``forward`` up to rounding (tests/test_tt.py).
+        """
+        n, c, hh, ww = x.shape
+        h = F.silu(self.norm1(x), inplace=True)
+        z, w = self.conv1.chain_factors(h, time_bias)  # (n, k, p), (c, k)
+        mean_z = z.mean(2, keepdim=True)
+        zc = z - mean_z
+        cov = torch.bmm(zc, zc.transpose(1, 2)).div_(z.shape[2])  # (n, k, k)
+        mean_c = (w @ mean_z).squeeze(2)  # (n, c)
+        var_c = torch.einsum("ck,nkl,cl->nc", w, cov, w)
+        g = self.norm2.num_groups
+        mean_g = mean_c.reshape(n, g, -1).mean(2, keepdim=True)
+        var_g = (var_c.reshape(n, g, -1) + (mean_c.reshape(n, g, -1) - mean_g) ** 2).mean(2, keepdim=True)
+        scale = (self.norm2.weight.reshape(g, -1) * torch.rsqrt(var_g + self.norm2.eps)).reshape(n, c)
+        shift = self.norm2.bias - scale * mean_g.expand(n, g, c // g).reshape(n, c)
+        w_n = w * scale[:, :, None]  # (n, c, k): scaled rows
+        w_n[:, :, -1] += shift  # the bias column (z's last channel is ones)
+        h = F.silu(torch.bmm(w_n, z), inplace=True).reshape(n, c, hh, ww)
+        z2, w2 = self.conv2.chain_factors(h)
+        out = torch.baddbmm(x.reshape(n, c, hh * ww), w2.expand(n, -1, -1), z2)
+        return out.reshape(n, c, hh, ww)
 
 
 def conv_with_extra_bias(conv: nn.Module, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
@@ -119,7 +162,8 @@ def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     48->1 head 5.6 -> 1.6 at batch 64, 0.14 -> 0.09 at batch 1; 48->3 head 8.6 -> 3.6 at
     batch 64; 1->48 stem 13.3 -> 1.5 at batch 64 but 0.02 -> 0.07 at batch 1; 3->48 stem
     2.0 -> 7.4 at batch 64. So: heads always, 1-channel stems from batch 8, else ``conv``.
-    The arithmetic is the same.
+    The arithmetic is the same. The products are batched (bmm with the weight expanded over the
+    batch): torch.matmul copies x into a transposed layout first when the weight requires grad.
     """
     weight, bias = conv.weight, conv.bias
     cout, cin, kh, kw = weight.shape
@@ -131,7 +175,8 @@ def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     taps = [(i, j) for i in range(kh) for j in range(kw)]
     if cout <= cin:
         # Few outputs: project every tap at once (kh*kw*cout channels), then add shifted copies.
-        z = torch.matmul(weight.permute(2, 3, 0, 1).reshape(kh * kw * cout, cin), x.reshape(n, cin, h * w))
+        z = torch.bmm(weight.permute(2, 3, 0, 1).reshape(1, kh * kw * cout, cin).expand(n, -1, -1),
+                      x.reshape(n, cin, h * w))
         z = F.pad(z.reshape(n, kh * kw * cout, h, w), (pw, pw, ph, ph)).reshape(n, kh * kw, cout, h + 2 * ph, w + 2 * pw)
         out = z[:, 0, :, :h, :w].clone()
         for k, (i, j) in enumerate(taps[1:], 1):
@@ -140,7 +185,7 @@ def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         # Few inputs: gather the kh*kw shifted copies (cin*kh*kw channels), then one projection.
         xp = F.pad(x, (pw, pw, ph, ph))
         cols = torch.stack([xp[:, :, i:i + h, j:j + w] for i, j in taps], 2).reshape(n, cin * kh * kw, h * w)
-        out = torch.matmul(weight.reshape(cout, cin * kh * kw), cols).reshape(n, cout, h, w)
+        out = torch.bmm(weight.reshape(1, cout, cin * kh * kw).expand(n, -1, -1), cols).reshape(n, cout, h, w)
     return out if bias is None else out + bias[:, None, None]
 
 
@@ -185,17 +230,20 @@ class UNet(nn.Module):
         return self.config.num_classes
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        # A 0-dim t is one timestep shared by the batch (as in purification): the time embedding
+        # is then computed once and the blocks fold it into a conv bias.
+        shared = t.ndim == 0 and y is None
         if t.ndim == 0:
-            t = t.expand(x.shape[0])
+            t = t.reshape(1) if shared else t.expand(x.shape[0])
         temb = timestep_embedding(t, self.config.time_dim).to(x.dtype)
         if self.label_embed is not None:
             if y is None:
-                y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
+                y = torch.full((temb.shape[0],), self.null_label, dtype=torch.long, device=x.device)
             temb = temb + self.label_embed(y)
         elif y is not None:
             raise ValueError("this U-Net is unconditional; it takes no label")
-        if temb.shape[0] > 1 and bool((temb == temb[:1]).all()):
-            temb = temb[:1]  # one shared timestep (and label): blocks fold it into a conv bias
+        if not shared and temb.shape[0] > 1 and bool((temb == temb[:1]).all()):
+            temb = temb[:1]  # the same timestep (and label) everywhere: fold it as above
         temb = self.time_mlp(temb)
         h = few_channel_conv(self.stem, x).contiguous(memory_format=self.memory_format)
         skips = []
