@@ -21,7 +21,7 @@ from_dense="--init-from checkpoints/${ds}_dense.safetensors"
 run classifier classifier $cls
 run dense purifier $dense
 # TT-SVD of the dense purifier, then fine-tuning; rank 2 (the quality bar) gets the most time.
-run tt-r2 purifier --conv tt --rank 2 $from_dense --steps 800 --minutes 6
+run tt-r2 purifier --conv tt --rank 2 $from_dense --steps 4000 --minutes 20
 for r in 1 3 4; do
   run tt-r$r purifier --conv tt --rank $r $from_dense --steps 400 --minutes 3
 done
