@@ -109,20 +109,63 @@ def bench_layers(dataset: str, batch_sizes, ranks, repeats: int) -> list[dict]:
     return rows
 
 
-def bench_purify(dataset: str, batch_sizes, ranks, t_star: int, steps: int, repeats: int) -> list[dict]:
+def interleaved_median_ms(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median ms of each callable, timed round-robin (one call of each per round) so that a
+    machine whose speed drifts during the run slows every candidate alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def unfused(model: UNet) -> UNet:
+    """The same model with the fused TT residual-block path switched off (ResBlock.fuse)."""
+    for module in model.modules():
+        if hasattr(module, "fuse"):
+            module.fuse = False
+    return model
+
+
+def bench_purify(dataset: str, batch_sizes, ranks, t_star: int, steps: int, repeats: int,
+                 compile_models: bool = False) -> list[dict]:
+    """Whole purifications, all models timed round-robin; with ``compile_models``, also
+    torch.compile'd dense and tt-r2, with the seconds their first call took (compilation)."""
     cfg = preset(dataset)
     diffusion = GaussianDiffusion()
-    rows = []
     models = [("dense", "nchw", UNet(cfg).eval()), ("dense", "channels-last", UNet(cfg).eval().use_channels_last())]
     models += [(f"tt-r{r}", "auto", UNet(preset(dataset, "tt", r)).eval()) for r in ranks]
-    for label, mode, model in models:
-        row = {"model": label, "mode": mode}
-        for b in batch_sizes:
-            x = torch.rand(b, cfg.in_channels, cfg.image_size, cfg.image_size)
-            row[f"b{b}_ms"] = median_ms(lambda: purify_batch(model, diffusion, x, t_star, num_steps=steps),
-                                        max(3, repeats // 4), 1)
-        rows.append(row)
-    return with_ratios(rows, batch_sizes)
+    if 2 in ranks:
+        models.append(("tt-r2", "auto, unfused", unfused(UNet(preset(dataset, "tt", 2)).eval())))
+    rows = {(label, mode): {"model": label, "mode": mode} for label, mode, _ in models}
+    if compile_models:
+        compiled = [("dense", "channels-last, compiled", UNet(cfg).eval().use_channels_last()),
+                    ("tt-r2", "auto, compiled", UNet(preset(dataset, "tt", 2)).eval())]
+        models += [(label, mode, torch.compile(model, dynamic=False)) for label, mode, model in compiled]
+        rows.update({(label, mode): {"model": label, "mode": mode} for label, mode, _ in compiled})
+    for b in batch_sizes:
+        x = torch.rand(b, cfg.in_channels, cfg.image_size, cfg.image_size)
+        fns = {}
+        for label, mode, model in models:
+            fns[(label, mode)] = (lambda m: lambda: purify_batch(m, diffusion, x, t_star, num_steps=steps))(model)
+            if "compiled" in mode:
+                t0 = time.perf_counter()
+                fns[(label, mode)]()
+                rows[(label, mode)][f"b{b}_compile_s"] = time.perf_counter() - t0
+        for key, ms in interleaved_median_ms(fns, max(3, repeats // (4 if b == 1 else 8))).items():
+            rows[key][f"b{b}_ms"] = ms
+    out = list(rows.values())
+    for b in batch_sizes:  # compiled models are compared with compiled dense
+        plain = [r for r in out if "compiled" not in r["mode"]]
+        with_ratios(plain, [b])
+        if compile_models:
+            with_ratios([r for r in out if "compiled" in r["mode"]], [b])
+    return out
 
 
 def bench_long_purification(dataset: str, rank: int, steps: int, t_star: int, repeats: int) -> dict:
@@ -130,12 +173,11 @@ def bench_long_purification(dataset: str, rank: int, steps: int, t_star: int, re
     cfg = preset(dataset)
     diffusion = GaussianDiffusion()
     x = torch.rand(1, cfg.in_channels, cfg.image_size, cfg.image_size)
-    row = {"steps": steps, "t_star": t_star}
-    for label, model in (("dense", UNet(cfg).eval()), ("dense_channels_last", UNet(cfg).eval().use_channels_last()),
-                         (f"tt-r{rank}", UNet(preset(dataset, "tt", rank)).eval())):
-        row[f"{label}_ms"] = median_ms(lambda: purify_batch(model, diffusion, x, t_star, num_steps=steps),
-                                       max(3, repeats // 6), 1)
-    return row
+    models = {"dense": UNet(cfg).eval(), "dense_channels_last": UNet(cfg).eval().use_channels_last(),
+              f"tt-r{rank}": UNet(preset(dataset, "tt", rank)).eval()}
+    fns = {f"{label}_ms": (lambda m: lambda: purify_batch(m, diffusion, x, t_star, num_steps=steps))(model)
+           for label, model in models.items()}
+    return {"steps": steps, "t_star": t_star, **interleaved_median_ms(fns, max(3, repeats // 6))}
 
 
 def bench_throughput(dataset: str, rank: int, t_star: int, steps: int, batch: int, devices) -> list[dict]:
@@ -241,6 +283,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--long-steps", type=int, default=100, help="reverse steps of the batch-1 long purification")
     p.add_argument("--skip", nargs="*", default=[], choices=["forward", "layers", "purify", "long", "throughput", "app"])
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd dense and tt-r2 purifications and their compile time")
     p.add_argument("--default-allocator", action="store_true",
                    help="keep glibc's malloc thresholds (see tendiff.runtime) to measure what tuning them buys")
     args = p.parse_args(argv)
@@ -262,8 +306,12 @@ def main(argv=None):
         print(format_table(bench_layers(args.dataset, bs, args.ranks, args.repeats), ["layer", "model", "mode", "batch", "ms", "x"]))
     if "purify" not in args.skip:
         print(f"\n## Whole purification, t*={args.t_star}, {args.steps} DDIM steps (median ms)\n")
-        print(format_table(bench_purify(args.dataset, bs, args.ranks, args.t_star, args.steps, args.repeats),
-                           ["model", "mode"] + cols))
+        rows = bench_purify(args.dataset, bs, args.ranks, args.t_star, args.steps, args.repeats, args.compile)
+        extra = [f"b{b}_compile_s" for b in bs] if args.compile else []
+        print(format_table(rows, ["model", "mode"] + cols + extra))
+        if args.compile:
+            print("\n(compiled rows: x is relative to compiled dense; compile_s is the first call, "
+                  "compilation included, paid again for every new input shape and process)")
     if "long" not in args.skip:
         print(f"\n## Batch-1 purification, {args.long_steps} DDIM steps from t*={args.long_steps * 2} (median ms)\n")
         row = bench_long_purification(args.dataset, 2, args.long_steps, args.long_steps * 2, args.repeats)

@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--conv", default="dense", choices=("dense",) + LAYOUTS, help="purifier convolutions")
     p.add_argument("--rank", type=int, default=2, help="TT rank (every bond)")
     p.add_argument("--init-from", help="dense purifier checkpoint to TT-SVD from (else from scratch)")
+    p.add_argument("--distill-from",
+                   help="purifier checkpoint whose noise estimate is the regression target instead of "
+                        "the sampled noise (distillation: the same minimiser, far less gradient noise)")
     p.add_argument("--conditional", action="store_true",
                    help="class-conditional purifier (label dropout, for classifier-free guidance)")
     p.add_argument("--steps", type=int, default=5000, help="optimizer steps (the LR schedule spans them)")
@@ -181,6 +184,11 @@ def train(args: argparse.Namespace) -> dict:
     memory_format = torch.contiguous_format if tt_model else torch.channels_last
     model.to(memory_format=memory_format)
     ema = copy.deepcopy(model).eval() if args.what == "purifier" else None
+    teacher = None
+    if args.distill_from:
+        if args.what != "purifier" or args.conditional:
+            raise SystemExit("--distill-from takes an unconditional purifier run")
+        teacher = ckpt.load_checkpoint(args.distill_from).to(device).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.0 if args.what == "purifier" else 5e-4)
     step, elapsed = 0, 0.0
     resumed_at = None
@@ -242,7 +250,11 @@ def train(args: argparse.Namespace) -> dict:
                     drop = torch.rand(len(y), generator=g).to(device) < 0.15
                     cond = torch.where(drop, torch.full_like(y, model.null_label), y)
                 x_t = diffusion.q_sample(x0, t, noise).contiguous(memory_format=memory_format)
-                loss = F.mse_loss(net(x_t, t, cond), noise)
+                target = noise
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher(x_t, t)
+                loss = F.mse_loss(net(x_t, t, cond), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -291,6 +303,7 @@ def train(args: argparse.Namespace) -> dict:
         "wall_time_s": round(elapsed, 1), "hardware": hardware(), "torch": torch.__version__,
         "t_max": args.t_max if args.what == "purifier" else None,
         "init_from": Path(args.init_from).name if args.init_from else None,
+        "distill_from": Path(args.distill_from).name if args.distill_from else None,
         "resumed_at_step": resumed_at,  # the command continued a run saved in --run-dir at this step
         "train_metrics": metrics,
     }

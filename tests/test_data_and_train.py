@@ -48,7 +48,7 @@ def test_train_classifier_then_purifier_then_tt_from_dense_and_resume(fake_cache
                 "--run-dir", str(fake_cache / "run_p")])
     dense = d / "mnist_dense.safetensors"
     train_main(["purifier", "--dataset", "mnist", "--conv", "tt", "--rank", "2", "--init-from", str(dense),
-                "--steps", "2", "--batch-size", "8", "--run-dir", str(fake_cache / "run_t")])
+                "--distill-from", str(dense), "--steps", "2", "--batch-size", "8", "--run-dir", str(fake_cache / "run_t")])
     train_main(["purifier", "--dataset", "mnist", "--conditional", "--init-from", str(dense),
                 "--steps", "2", "--batch-size", "8", "--run-dir", str(fake_cache / "run_cond")])
     assert ckpt.load_model("mnist_dense-cond.safetensors").config.num_classes == 10
@@ -56,7 +56,7 @@ def test_train_classifier_then_purifier_then_tt_from_dense_and_resume(fake_cache
     assert set(manifest) == {"mnist_classifier.safetensors", "mnist_dense.safetensors", "mnist_tt-r2.safetensors",
                              "mnist_dense-cond.safetensors"}
     tt = manifest["mnist_tt-r2.safetensors"]
-    assert tt["init_from"] == "mnist_dense.safetensors" and tt["steps"] == 2
+    assert tt["init_from"] == tt["distill_from"] == "mnist_dense.safetensors" and tt["steps"] == 2
     assert tt["config"]["conv"] == "tt" and tt["parameters"] < manifest["mnist_dense.safetensors"]["parameters"]
     assert "heldout_eps_mse_first1000" in tt["train_metrics"]
     assert ckpt.load_model("mnist_tt-r2.safetensors").config.rank == 2
