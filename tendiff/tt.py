@@ -218,8 +218,8 @@ class TTConv2d(nn.Module):
           contracted spatial cores (one kh x kw conv R1 -> R3), plus a channel of ones;
         * w (O, R3 + 1): the output core, with the bias (plus ``extra_bias``) as its last column.
 
-        Returned apart so that a caller can fold what follows the conv into w before the one
-        full-width product (unet.ResBlock folds GroupNorm into it).
+        Returned apart so that a caller can change w (e.g. fold a following per-channel affine
+        map into it) before the one full-width product.
         """
         if self.layout != "tt":
             raise ValueError("chain_factors needs the tt layout")

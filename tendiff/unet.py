@@ -87,17 +87,11 @@ class ResBlock(nn.Module):
         self.time_proj = nn.Linear(cfg.time_dim, channels)
         self.norm2 = nn.GroupNorm(cfg.groups, channels)
         self.conv2 = _conv(cfg, channels, channels)
-        self.fuse = True  # the fused inference path for TT convs (see _forward_fused_tt)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         # In-place activations save a full-size allocation each; autograd needs the inputs.
         inplace = not torch.is_grad_enabled()
         time_bias = self.time_proj(temb)
-        # Fusing trades full-width passes for a dozen small ops: worth it from a few thousand
-        # pixels (measured: slower at batch 1 on 28x28, faster at batch 64).
-        if (self.fuse and inplace and time_bias.shape[0] == 1 and x.shape[0] * x.shape[2] * x.shape[3] >= 4096
-                and self._tt_chains(x)):
-            return self._forward_fused_tt(x, time_bias[0])
         h = F.silu(self.norm1(x), inplace=inplace)
         if time_bias.shape[0] == 1:
             # Every image shares one timestep (as in purification): the time offset is a
@@ -107,43 +101,6 @@ class ResBlock(nn.Module):
             h = self.conv1(h) + time_bias[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h), inplace=inplace))
         return h.add_(x)
-
-    def _tt_chains(self, x: torch.Tensor) -> bool:
-        """Whether both convs are ``tt`` layers that will run as chains on this NCHW input."""
-        return all(isinstance(c, TTConv2d) and c.layout == "tt" and c.stride == (1, 1)
-                   and c.resolve_mode(x) == "chain" for c in (self.conv1, self.conv2)) and x.is_contiguous()
-
-    def _forward_fused_tt(self, x: torch.Tensor, time_bias: torch.Tensor) -> torch.Tensor:
-        """The block for TT convs at inference, with fewer passes over full-width activations.
-
-        conv1's output is w @ z per image with z only R+1 channels wide (TTConv2d.chain_factors).
-        GroupNorm of a linear map of z needs only z's mean and R x R covariance: per channel c,
-        mean_c = w_c . m and var_c = w_c^T Cov w_c, and a group's variance is the mean over its
-        channels of var_c + (mean_c - mean_g)^2 (law of total variance). The normalisation is
-        then a per-image scaling of w's rows plus a shift in its bias column, so norm2(conv1(.))
-        is one batched product: the full-width conv1 output is never written unnormalised.
-        conv2's product adds the residual stream as it writes (baddbmm). Same numbers as
-        ``forward`` up to rounding (tests/test_tt.py).
-        """
-        n, c, hh, ww = x.shape
-        h = F.silu(self.norm1(x), inplace=True)
-        z, w = self.conv1.chain_factors(h, time_bias)  # (n, k, p), (c, k)
-        mean_z = z.mean(2, keepdim=True)
-        zc = z - mean_z
-        cov = torch.bmm(zc, zc.transpose(1, 2)).div_(z.shape[2])  # (n, k, k)
-        mean_c = (w @ mean_z).squeeze(2)  # (n, c)
-        var_c = torch.einsum("ck,nkl,cl->nc", w, cov, w)
-        g = self.norm2.num_groups
-        mean_g = mean_c.reshape(n, g, -1).mean(2, keepdim=True)
-        var_g = (var_c.reshape(n, g, -1) + (mean_c.reshape(n, g, -1) - mean_g) ** 2).mean(2, keepdim=True)
-        scale = (self.norm2.weight.reshape(g, -1) * torch.rsqrt(var_g + self.norm2.eps)).reshape(n, c)
-        shift = self.norm2.bias - scale * mean_g.expand(n, g, c // g).reshape(n, c)
-        w_n = w * scale[:, :, None]  # (n, c, k): scaled rows
-        w_n[:, :, -1] += shift  # the bias column (z's last channel is ones)
-        h = F.silu(torch.bmm(w_n, z), inplace=True).reshape(n, c, hh, ww)
-        z2, w2 = self.conv2.chain_factors(h)
-        out = torch.baddbmm(x.reshape(n, c, hh * ww), w2.expand(n, -1, -1), z2)
-        return out.reshape(n, c, hh, ww)
 
 
 def conv_with_extra_bias(conv: nn.Module, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:

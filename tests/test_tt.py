@@ -270,37 +270,3 @@ def test_chain_factors_reproduce_the_layer(rank):
     assert torch.allclose(z[:, -1], torch.ones_like(z[:, -1]))  # the channel of ones carries the bias
     ref = nn.functional.conv2d(x, layer.full_kernel(), layer.bias + extra, 1, 1)
     assert rel_err((w @ z).reshape(ref.shape), ref) < 1e-12
-
-
-@pytest.mark.parametrize("rank", [1, 2, 4])
-def test_fused_tt_blocks_compute_what_the_reference_blocks_compute(rank, monkeypatch):
-    """At inference on large enough inputs a TT residual block folds GroupNorm into its first
-    conv's output projection and the residual into its second (ResBlock._forward_fused_tt)."""
-    from tendiff.unet import ResBlock
-    model = UNet(preset("mnist", "tt", rank)).double().eval()
-    for p in model.parameters():  # non-trivial norms, biases and head
-        torch.nn.init.normal_(p, mean=0.5 if p.ndim == 1 else 0.0, std=0.3)
-    x = torch.randn(8, 1, 28, 28, dtype=torch.double)  # 8 x 28 x 28 pixels: above the fusion threshold
-    calls = []
-    fused = ResBlock._forward_fused_tt
-    monkeypatch.setattr(ResBlock, "_forward_fused_tt", lambda self, *a: calls.append(1) or fused(self, *a))
-    with torch.inference_mode():
-        out = model(x, torch.tensor(120))
-        for block in model.modules():
-            if isinstance(block, ResBlock):
-                block.fuse = False
-        ref = model(x, torch.tensor(120))
-    assert len(calls) == 2  # the two 28x28 blocks (8 x 14 x 14 pixels is below the threshold)
-    assert rel_err(out, ref) < 1e-10
-
-
-def test_fused_path_is_not_taken_with_gradients_or_authors_layout(monkeypatch):
-    from tendiff.unet import ResBlock
-    calls = []
-    monkeypatch.setattr(ResBlock, "_forward_fused_tt", lambda self, *a: calls.append(1))
-    x = torch.randn(8, 1, 28, 28)
-    UNet(preset("mnist", "tt", 2))(x, torch.tensor(5)).sum().backward()  # training: autograd path
-    with torch.inference_mode():
-        UNet(preset("mnist", "authors", 2)).eval()(x, torch.tensor(5))
-        UNet(preset("mnist", "tt", 2)).eval()(x[:1], torch.tensor(5))  # batch 1: below the threshold
-    assert calls == []
