@@ -207,6 +207,12 @@ class TTConv2d(nn.Module):
         return self._cached("full", self.full_kernel)
 
     # --------------------------------------------------------------- forward
+    def _bias(self, extra_bias: torch.Tensor | None):
+        """The layer's bias plus ``extra_bias`` (either may be None)."""
+        if extra_bias is None or self.bias is None:
+            return self.bias if extra_bias is None else extra_bias
+        return self.bias + extra_bias
+
     def _forward_dense(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding)
 
@@ -218,8 +224,8 @@ class TTConv2d(nn.Module):
           contracted spatial cores (one kh x kw conv R1 -> R3), plus a channel of ones;
         * w (O, R3 + 1): the output core, with the bias (plus ``extra_bias``) as its last column.
 
-        Returned apart so that a caller can change w (e.g. fold a following per-channel affine
-        map into it) before the one full-width product.
+        The only full-width work is reading x once (the first product) and writing the output
+        once (w @ z).
         """
         if self.layout != "tt":
             raise ValueError("chain_factors needs the tt layout")
@@ -233,9 +239,7 @@ class TTConv2d(nn.Module):
         z = torch.bmm(u_in.t().expand(n, r1, self.in_channels), x.reshape(n, self.in_channels, h * w))
         kernel, ones_bias = self._spatial_kernel()
         z = F.conv2d(z.reshape(n, r1, h, w), kernel, ones_bias, self.stride, self.padding)
-        bias = self.bias
-        if extra_bias is not None:
-            bias = extra_bias if bias is None else bias + extra_bias
+        bias = self._bias(extra_bias)
         if bias is None:
             bias = u_out.new_zeros(self.out_channels)
         return z.reshape(n, r3 + 1, -1), torch.cat([u_out.t(), bias[:, None]], 1)
@@ -250,9 +254,7 @@ class TTConv2d(nn.Module):
             z, w = self.chain_factors(x, extra_bias)
             ho, wo = _conv_out_size(x.shape[2], kh, sh, ph), _conv_out_size(x.shape[3], kw, sw, pw)
             return torch.bmm(w.expand(n, -1, -1), z).reshape(n, self.out_channels, ho, wo)
-        bias = self.bias
-        if extra_bias is not None:
-            bias = extra_bias if bias is None else bias + extra_bias
+        bias = self._bias(extra_bias)
         a, b, c = self.cores
         r0, r1 = self.ranks
         o = self.out_channels
@@ -301,9 +303,7 @@ class TTConv2d(nn.Module):
         mode = self.resolve_mode(x)
         if mode == "chain":
             return self._forward_chain(x, extra_bias)
-        bias = self.bias
-        if extra_bias is not None:
-            bias = extra_bias if bias is None else bias + extra_bias
+        bias = self._bias(extra_bias)
         if mode == "cached":
             return self._forward_dense(x, self.cached_kernel(), bias)
         return self._forward_dense(x, self.full_kernel(), bias)
