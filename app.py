@@ -54,7 +54,7 @@ from tendiff.checkpoints import CheckpointIntegrityError, CheckpointNotFoundErro
 from tendiff.data import CLASS_NAMES, DATASETS, IMAGE_SHAPE
 from tendiff.diffusion import METHODS
 from tendiff.pipeline import (CORRUPTION_TITLES, CORRUPTIONS, DATASET_TITLES, DEFAULT_METHOD, DEFAULT_MODEL,
-                              DEFAULT_STEPS, DEFAULT_T_STAR, CorruptionSpec, PurifySpec, Studio,
+                              DEFAULT_STEPS, DEFAULT_T_STAR, T_STAR, CorruptionSpec, PurifySpec, Studio,
                               check_dataset, check_label, display_scale, gif_bytes, parameter_table,
                               prepare_image, strip_image, to_pil, topk)
 from tendiff.runtime import tune_allocator
@@ -472,7 +472,7 @@ def dataset_changed(dataset):
     return (gr.update(value=ex), gr.update(value=first),
             gr.update(choices=[UNKNOWN] + CLASS_NAMES[dataset], value=label_from_path(dataset, first) or UNKNOWN),
             gr.update(choices=models, value=model), studio.status(dataset)) + cleared + (
-            strength["gaussian"], strength["salt_pepper"], round(strength["pgd_linf"], 3))
+            strength["gaussian"], strength["salt_pepper"], round(strength["pgd_linf"], 3), T_STAR[dataset])
 
 
 def example_selected(dataset, evt: gr.SelectData):
@@ -630,7 +630,8 @@ def build_demo() -> gr.Blocks:
         # its error toast as many times.
         light = dict(concurrency_id="light", concurrency_limit=4)
         dataset.change(dataset_changed, dataset, [gallery, image, true_label, model, status, corrupted, x_t, x0, progress,
-                                                  lab_clean, lab_corrupt, lab_pure, plot, strip, gif, sigma, p, eps],
+                                                  lab_clean, lab_corrupt, lab_pure, plot, strip, gif, sigma, p, eps,
+                                                  t_star],
                        api_visibility="private", queue=False).then(
             prepare, [dataset, image], [seen, seen_msg], api_name="prepare_dataset_default", api_visibility="private",
             **light)

@@ -124,6 +124,7 @@ def test_pick_example(page):
     page.click("#examples button[aria-label='Thumbnail 4 of 20']")  # the first "3" (row 1: one per class)
     page.wait_for_function("document.querySelector('#true-label input').value === '3'")
     page.wait_for_function("document.querySelector('#prepare-message').innerText.includes('28x28 gray')")
+    page.wait_for_function("document.querySelector('#t-star input[type=number]').value === '200'")
     src = page.locator("#input-image img").first.get_attribute("src")
     assert "mnist_3_0" in src
     shot(page, "02_pick_example")
@@ -192,6 +193,7 @@ def test_stop_button_cancels_a_long_run(page):
 def test_cifar10_purifies_or_says_it_is_not_trained(page):
     page.click("#dataset label:has-text('CIFAR-10')")
     page.wait_for_function("document.querySelector('#prepare-message').innerText.includes('32x32 RGB')")
+    page.wait_for_function("document.querySelector('#t-star input[type=number]').value === '100'")  # CIFAR's t*
     page.click("#examples button[aria-label='Thumbnail 4 of 20']")  # a cat
     page.wait_for_function("document.querySelector('#true-label input').value === 'cat'")
     if missing_checkpoints("cifar10", ["classifier", "tt-r2"]):
