@@ -23,15 +23,23 @@ from .tt import MODES, TTConv2d, set_mode
 from .unet import UNet, preset
 
 
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_median_ms(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """Median ms of each callable, timed round-robin (one call of each per round) so that a
+    machine whose speed drifts during the run slows every candidate alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    return interleaved_median_ms({0: fn}, repeats, warmup)[0]
 
 
 class _NoConv(torch.nn.Module):
@@ -109,21 +117,6 @@ def bench_layers(dataset: str, batch_sizes, ranks, repeats: int) -> list[dict]:
     return rows
 
 
-def interleaved_median_ms(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """Median ms of each callable, timed round-robin (one call of each per round) so that a
-    machine whose speed drifts during the run slows every candidate alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
-
-
 def bench_purify(dataset: str, batch_sizes, ranks, t_star: int, steps: int, repeats: int,
                  compile_models: bool = False) -> list[dict]:
     """Whole purifications, all models timed round-robin; with ``compile_models``, also
@@ -150,11 +143,9 @@ def bench_purify(dataset: str, batch_sizes, ranks, t_star: int, steps: int, repe
         for key, ms in interleaved_median_ms(fns, max(3, repeats // (4 if b == 1 else 8))).items():
             rows[key][f"b{b}_ms"] = ms
     out = list(rows.values())
-    for b in batch_sizes:  # compiled models are compared with compiled dense
-        plain = [r for r in out if "compiled" not in r["mode"]]
-        with_ratios(plain, [b])
-        if compile_models:
-            with_ratios([r for r in out if "compiled" in r["mode"]], [b])
+    with_ratios([r for r in out if "compiled" not in r["mode"]], batch_sizes)
+    if compile_models:  # compiled models are compared with compiled dense
+        with_ratios([r for r in out if "compiled" in r["mode"]], batch_sizes)
     return out
 
 
