@@ -106,6 +106,14 @@ def _conv_out_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
 
+def tensors_state(tensors: Iterable[torch.Tensor]) -> tuple:
+    """A key that changes whenever any of ``tensors`` may have: for caches of values computed
+    from weights. An in-place update (optimizer step, load_state_dict) bumps a tensor's version
+    counter. Inference tensors (parameters created under torch.inference_mode) have none; they
+    can only change inside inference mode, which is not how weights are updated."""
+    return tuple((None if p.is_inference() else p._version, p.data_ptr(), p.device, p.dtype) for p in tensors)
+
+
 class TTConv2d(nn.Module):
     """Drop-in replacement for ``nn.Conv2d`` (groups=1, dilation=1) with a TT kernel."""
 
@@ -165,11 +173,7 @@ class TTConv2d(nn.Module):
         return torch.einsum("oip,paq,qb->oiab", a, b, c)
 
     def _cache_key(self) -> tuple:
-        # An in-place update (optimizer step, load_state_dict) bumps a tensor's version counter.
-        # Inference tensors (parameters created under torch.inference_mode) have none; they can
-        # only change inside inference mode, which is not how weights are updated.
-        return tuple((None if p.is_inference() else p._version, p.data_ptr(), p.device, p.dtype)
-                     for p in self.cores)
+        return tensors_state(self.cores)
 
     def _spatial_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The two spatial cores contracted into one (R3 + 1, R1, kh, kw) kernel, and its bias.

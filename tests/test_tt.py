@@ -200,6 +200,28 @@ def test_shared_timestep_fast_path_matches_per_image_timesteps(conv):
     assert rel_err(model(x, torch.tensor([100, 100, 7])), mixed) < 1e-12
 
 
+def test_time_offsets_cached_per_timestep_follow_weight_updates():
+    """In inference mode the time path is cached per timestep; the cache must give what the
+    uncached path gives, keep timesteps apart, and notice an in-place weight update."""
+    model = UNet(preset("mnist", "tt", 2)).double().eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 1, 28, 28, dtype=torch.double)
+    with torch.inference_mode():
+        first, again, other_t = model(x, torch.tensor(100)), model(x, torch.tensor(100)), model(x, torch.tensor(50))
+    with torch.no_grad():
+        uncached = model(x, torch.tensor([100, 100]))
+    assert rel_err(first, uncached) < 1e-12 and torch.equal(first, again)
+    assert rel_err(other_t, first) > 1e-6
+    with torch.no_grad():
+        bias = model.blocks()[0].time_proj.bias
+        bias.add_(torch.randn_like(bias))  # in place, as an optimizer step would (not a constant: GroupNorm removes it)
+        uncached = model(x, torch.tensor([100, 100]))
+    with torch.inference_mode():
+        updated = model(x, torch.tensor(100))
+    assert rel_err(updated, uncached) < 1e-12 and rel_err(updated, first) > 1e-6
+
+
 def test_resampling_matches_the_reference_ops():
     from tendiff.unet import downsample, upsample
     x = torch.randn(3, 5, 8, 12, requires_grad=True)
