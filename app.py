@@ -611,7 +611,7 @@ def build_demo() -> gr.Blocks:
                                           height=320, elem_id="params-plot")
                 gr.Markdown("### Noise std over t")
                 schedule_plot = gr.Plot(label="Noise schedule", elem_id="schedule-plot")
-                schedule_text = gr.Markdown()
+                schedule_text = gr.Markdown(elem_id="schedule-text")
                 gr.Markdown("### The guidance lesson\nThe authors guide the purifier with the label. Compare the "
                             "input purified by a class-conditional purifier with no label, the true label and a "
                             "wrong label (uses the Purify tab's input, t* and seed).")
@@ -629,12 +629,15 @@ def build_demo() -> gr.Blocks:
         # the browser fires that two or three times for one upload, and a bad upload then showed
         # its error toast as many times.
         light = dict(concurrency_id="light", concurrency_limit=4)
-        dataset.change(dataset_changed, dataset, [gallery, image, true_label, model, status, corrupted, x_t, x0, progress,
-                                                  lab_clean, lab_corrupt, lab_pure, plot, strip, gif, sigma, p, eps,
-                                                  t_star],
-                       api_visibility="private", queue=False).then(
-            prepare, [dataset, image], [seen, seen_msg], api_name="prepare_dataset_default", api_visibility="private",
-            **light)
+        dataset_ev = dataset.change(dataset_changed, dataset, [gallery, image, true_label, model, status, corrupted, x_t,
+                                                               x0, progress, lab_clean, lab_corrupt, lab_pure, plot,
+                                                               strip, gif, sigma, p, eps, t_star],
+                                    api_visibility="private", queue=False)
+        dataset_ev.then(prepare, [dataset, image], [seen, seen_msg], api_name="prepare_dataset_default",
+                        api_visibility="private", **light)
+        # The dataset's t* moved the slider: the Learn tab's schedule plot follows it.
+        dataset_ev.then(learn_schedule, t_star, [schedule_plot, schedule_text], api_name="dataset_schedule",
+                        api_visibility="private", **light)
         gallery.select(example_selected, dataset, [image, true_label], api_visibility="private", queue=False).then(
             prepare, [dataset, image], [seen, seen_msg], api_name="prepare_example", api_visibility="private", **light)
         image.upload(lambda: UNKNOWN, None, true_label, api_visibility="private", queue=False)  # label unknown

@@ -105,11 +105,11 @@ def test_opaque_alpha_is_accepted():
 ])
 def test_purify_spec_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        PurifySpec(**kwargs).validated(1000)
+        PurifySpec(**kwargs).validated(1000, dataset="mnist")
 
 
 def test_one_step_ignores_the_step_count():
-    assert PurifySpec(method="one-step", steps=10 ** 6).validated(1000).steps == 1
+    assert PurifySpec(method="one-step", steps=10 ** 6).validated(1000, dataset="mnist").steps == 1
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -147,6 +147,15 @@ def test_validation_happens_before_any_work(monkeypatch):
             next(studio.run_stream(**args))
     with pytest.raises(ValueError, match="unknown corruption parameter"):
         studio.corrupt("mnist", "gaussian", x, params={"sigmaa": 0.1})
+
+
+def test_purify_spec_defaults_to_the_datasets_t_star():
+    from tendiff.pipeline import T_STAR
+    assert PurifySpec().validated(1000, dataset="cifar10").t_star == T_STAR["cifar10"]
+    assert PurifySpec().validated(1000, dataset="fashion_mnist").t_star == T_STAR["fashion_mnist"]
+    assert PurifySpec(t_star=50).validated(1000, dataset="cifar10").t_star == 50
+    with pytest.raises(ValueError, match="no dataset"):
+        PurifySpec().validated(1000)
 
 
 def test_cifar10_without_checkpoints_says_so():
