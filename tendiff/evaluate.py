@@ -36,6 +36,7 @@ from . import checkpoints as ckpt
 from .classifiers import predict
 from .data import DATASETS, load_dataset
 from .diffusion import GaussianDiffusion, purify_batch
+from .pipeline import T_STAR
 from .runtime import tune_allocator
 from .tt import TTConv2d
 
@@ -561,7 +562,9 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=1000, help="images for clean and noise columns")
     p.add_argument("--n-attack", type=int, default=200, help="images for attack columns")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--t-star", type=int, default=200, help="diffusion depth (200: noise std 0.36; chosen by a sweep on MNIST)")
+    p.add_argument("--t-star", type=int, default=None,
+                   help="diffusion depth (default: the dataset's t*, chosen on held-out images: "
+                        + ", ".join(f"{d} {t}" for d, t in T_STAR.items()) + ")")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--method", default="ddim", choices=["ddim", "ddpm", "one-step"])
     p.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS), choices=CORRUPTIONS)
@@ -612,7 +615,8 @@ def main(argv=None):
     datasets = DATASETS if args.dataset == "all" else (args.dataset,)
     results = []
     for ds in datasets:
-        cfg = EvalConfig(dataset=ds, n=args.n, n_attack=args.n_attack, seeds=args.seeds, t_star=args.t_star,
+        t_star = T_STAR[ds] if args.t_star is None else args.t_star
+        cfg = EvalConfig(dataset=ds, n=args.n, n_attack=args.n_attack, seeds=args.seeds, t_star=t_star,
                          steps=args.steps, method=args.method, pgd_steps=args.pgd_steps,
                          adaptive_steps=args.adaptive_steps, adaptive_eot=args.adaptive_eot,
                          surrogate_steps=args.surrogate_steps, autoattack_version=args.autoattack_version,
