@@ -41,6 +41,7 @@ class UNetConfig:
     conv: str = "dense"  # "dense", "tt" (one core per mode) or "authors" (authors' layout)
     rank: int = 2
     mode: str = "auto"  # TT execution mode, see tendiff.tt
+    blocks: int = 1  # residual blocks per level (encoder, middle, decoder)
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -49,6 +50,8 @@ class UNetConfig:
         if self.image_size % (2 ** (len(self.channels) - 1)):
             raise ValueError(f"image_size {self.image_size} is not divisible by "
                              f"2^{len(self.channels) - 1} (one halving per extra level)")
+        if self.blocks < 1:
+            raise ValueError(f"blocks (per level) must be >= 1, got {self.blocks}")
         if any(c % self.groups for c in self.channels):
             raise ValueError(f"every width in {self.channels} must be divisible by groups={self.groups}")
 
@@ -177,6 +180,12 @@ class UNet(nn.Module):
         self.mid = ResBlock(cfg, ch[-1])
         self.up = nn.ModuleList([_resize_channels(b, a) for a, b in zip(ch[:-1], ch[1:])])
         self.dec = nn.ModuleList([ResBlock(cfg, c) for c in ch[:-1]])
+        if cfg.blocks > 1:  # (separate lists, so that one-block models keep their state-dict keys)
+            def more(c):
+                return nn.ModuleList([ResBlock(cfg, c) for _ in range(cfg.blocks - 1)])
+            self.enc_more = nn.ModuleList([more(c) for c in ch[:-1]])
+            self.mid_more = more(ch[-1])
+            self.dec_more = nn.ModuleList([more(c) for c in ch[:-1]])
         self.head_norm = nn.GroupNorm(cfg.groups, ch[0])
         self.head = nn.Conv2d(ch[0], cfg.in_channels, 3, 1, 1)
         # Start as the zero predictor: the loss begins at E|eps|^2 = 1 and training is stable.
@@ -189,8 +198,19 @@ class UNet(nn.Module):
     def null_label(self) -> int:
         return self.config.num_classes
 
+    def _level(self, where: str, i: int | None = None) -> list[ResBlock]:
+        """The residual blocks of one level, in the order they run."""
+        first = getattr(self, where) if i is None else getattr(self, where)[i]
+        if self.config.blocks == 1:
+            return [first]
+        more = getattr(self, where + "_more")
+        return [first, *(more if i is None else more[i])]
+
     def blocks(self) -> list[ResBlock]:
-        return [*self.enc, self.mid, *self.dec]
+        """Every residual block, in the order forward runs them (the decoder from the bottom up)."""
+        levels = range(len(self.enc))
+        return ([b for i in levels for b in self._level("enc", i)] + self._level("mid")
+                + [b for i in reversed(levels) for b in self._level("dec", i)])
 
     def time_biases(self, t: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype) -> list[torch.Tensor]:
         """Each block's per-channel time (and label) offset, in :meth:`blocks` order: (1, C)
@@ -231,18 +251,20 @@ class UNet(nn.Module):
             time_biases = self._shared_time_biases(t, x.dtype)
         else:
             time_biases = self.time_biases(t.expand(x.shape[0]) if t.ndim == 0 else t, y, x.dtype)
-        enc_biases, mid_bias, dec_biases = (time_biases[:len(self.enc)], time_biases[len(self.enc)],
-                                            time_biases[len(self.enc) + 1:])
+        biases = iter(time_biases)  # in blocks() order, which is the order they run in
         h = few_channel_conv(self.stem, x).contiguous(memory_format=self.memory_format)
         skips = []
-        for block, down, bias in zip(self.enc, self.down, enc_biases):
-            h = block(h, bias)
+        for i, down in enumerate(self.down):
+            for block in self._level("enc", i):
+                h = block(h, next(biases))
             skips.append(h)
             h = down(downsample(h))
-        h = self.mid(h, mid_bias)
+        for block in self._level("mid"):
+            h = block(h, next(biases))
         for i in reversed(range(len(self.up))):
-            h = self.up[i](upsample(h))
-            h = self.dec[i](h + skips[i], dec_biases[i])
+            h = self.up[i](upsample(h)) + skips[i]
+            for block in self._level("dec", i):
+                h = block(h, next(biases))
         return few_channel_conv(self.head, F.silu(self.head_norm(h), inplace=not torch.is_grad_enabled()))
 
     def num_parameters(self) -> int:
@@ -263,6 +285,32 @@ def unet_from_dense(dense: UNet, rank, layout: str = "tt", mode: str = "auto") -
     model = tensorize(copy.deepcopy(dense), rank=rank, layout=layout, mode=mode, min_channels=MIN_TT_CHANNELS)
     model.config = replace(dense.config, conv=layout, rank=int(rank), mode=mode)
     return model
+
+
+def grow_blocks(model: UNet, blocks: int) -> UNet:
+    """A copy of ``model`` with ``blocks`` residual blocks per level: its own blocks keep their
+    weights and run first, and each new block starts as the identity (the factor of its last
+    conv next to the output is zero, as in zero-initialised residual branches; the rest is
+    randomly initialised, so gradients flow from the first step), so the grown model computes
+    exactly what ``model`` did and fine-tuning starts from there."""
+    if blocks < model.config.blocks:
+        raise ValueError(f"cannot shrink {model.config.blocks} blocks per level to {blocks}")
+    like = next(model.parameters())
+    grown = UNet(replace(model.config, blocks=blocks)).to(device=like.device, dtype=like.dtype)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(f"unexpected weights {unexpected}")
+    with torch.no_grad():
+        for name, block in grown.named_modules():
+            if isinstance(block, ResBlock) and f"{name}.norm1.weight" in missing:
+                conv = block.conv2
+                if isinstance(conv, TTConv2d):
+                    conv.cores[-1 if conv.layout == "tt" else 0].zero_()
+                else:
+                    conv.weight.zero_()
+                if conv.bias is not None:
+                    conv.bias.zero_()
+    return grown.use_channels_last(model.memory_format == torch.channels_last)
 
 
 PRESETS: dict[str, UNetConfig] = {

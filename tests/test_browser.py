@@ -195,7 +195,9 @@ def test_cifar10_purifies_or_says_it_is_not_trained(page):
     page.wait_for_function("document.querySelector('#prepare-message').innerText.includes('32x32 RGB')")
     page.wait_for_function("document.querySelector('#t-star input[type=number]').value === '100'")  # CIFAR's t*
     # The Learn tab's schedule (plot and text) follows the slider to CIFAR-10's t*.
+    page.click("button[role=tab]:has-text('Learn')")
     page.wait_for_function("(document.querySelector('#schedule-text')?.textContent || '').includes('t* = 100 of')")
+    page.click("button[role=tab]:has-text('Purify')")
     page.click("#examples button[aria-label='Thumbnail 4 of 20']")  # a cat
     page.wait_for_function("document.querySelector('#true-label input').value === 'cat'")
     if missing_checkpoints("cifar10", ["classifier", "tt-r2"]):
