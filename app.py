@@ -691,9 +691,10 @@ def warm_up(url: str | None = None) -> None:
     own handler (models, PNG/GIF encoders, plot code), then, given the served ``url``, once more
     through the server (its first queued request costs ~0.5 s more than later ones: measured
     with gradio_client, 0.94 s vs 0.38 s for a second client's first click)."""
+    # Seed 1, not the default 0: the visitor's first default click still runs (and streams) live.
     args = ["mnist", str(ASSETS / DEFAULT_EXAMPLE), UNKNOWN, "gaussian", 0.2, 0.2, 0.2, 10, 1, 2,
-            1, DEFAULT_MODEL, DEFAULT_T_STAR, DEFAULT_METHOD, DEFAULT_STEPS]  # seed 1, not the default 0:
-    try:                                                                     # the first click still runs live
+            1, DEFAULT_MODEL, DEFAULT_T_STAR, DEFAULT_METHOD, DEFAULT_STEPS]
+    try:
         for _ in purify(*args):
             pass
         if url:
