@@ -21,6 +21,7 @@ from tendiff.attacks import STRENGTH
 from tendiff.classifiers import predict
 from tendiff.data import DATASETS, load_dataset
 from tendiff.diffusion import GaussianDiffusion, purify_batch
+from tendiff.evaluate import evaluation_order
 from tendiff.runtime import tune_allocator
 
 
@@ -35,8 +36,7 @@ def main() -> None:
     args = p.parse_args()
     tune_allocator()
     test = load_dataset(args.dataset, "test")
-    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
-    held_out = order[1000:1000 + args.n]
+    held_out = evaluation_order(len(test), args.seed)[1000:1000 + args.n]
     x, y = test.float_images(held_out), test.labels[held_out]
     classifier = ckpt.load_model(ckpt.checkpoint_name(args.dataset, "classifier"))
     diffusion = GaussianDiffusion()

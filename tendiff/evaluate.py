@@ -182,6 +182,13 @@ def load_purifiers(dataset: str, names, method: str) -> tuple[list[Purifier], li
 
 
 # --------------------------------------------------------------- evaluation
+def evaluation_order(num_images: int, seed: int = 0) -> torch.Tensor:
+    """The seeded order of the test split: evaluation uses its first ``--n`` images (the same for
+    every purifier and corruption); scripts/sweep_t_star.py chooses t* on images after the
+    first 1000, which no reported number uses."""
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+
+
 class Evaluation:
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
@@ -190,8 +197,7 @@ class Evaluation:
         self.classifier = ckpt.load_model(ckpt.checkpoint_name(cfg.dataset, "classifier"))
         self.purifiers, self.missing = load_purifiers(cfg.dataset, cfg.purifiers, cfg.method)
         test = load_dataset(cfg.dataset, "test")
-        # A fixed, seeded subset of the test split (the same for every purifier and corruption).
-        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed))
+        order = evaluation_order(len(test), cfg.seed)
         n_max = max(cfg.n, cfg.n_attack)
         self.images = test.float_images(order[:n_max])
         self.labels = test.labels[order[:n_max]]
