@@ -111,7 +111,7 @@ def tensors_state(tensors: Iterable[torch.Tensor]) -> tuple:
     from weights. An in-place update (optimizer step, load_state_dict) bumps a tensor's version
     counter. Inference tensors (parameters created under torch.inference_mode) have none; they
     can only change inside inference mode, which is not how weights are updated."""
-    return tuple((None if p.is_inference() else p._version, p.data_ptr(), p.device, p.dtype) for p in tensors)
+    return tuple([(None if p.is_inference() else p._version, p.data_ptr(), p.device, p.dtype) for p in tensors])
 
 
 class TTConv2d(nn.Module):
@@ -172,27 +172,49 @@ class TTConv2d(nn.Module):
         a, b, c = self.cores
         return torch.einsum("oip,paq,qb->oiab", a, b, c)
 
+    def _weights(self) -> tuple[torch.Tensor, ...]:
+        """The cores, then the bias if any. Read from the parameter dicts: iterating the
+        ParameterList costs ~5 us a call, a tenth of a batch-1 layer, and this runs on every call."""
+        cores = self._modules["cores"]._parameters.values()
+        bias = self._parameters.get("bias")
+        return (*cores,) if bias is None else (*cores, bias)
+
     def _cache_key(self) -> tuple:
-        return tensors_state(self.cores)
+        return tensors_state(self._weights())
 
-    def _spatial_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two spatial cores contracted into one (R3 + 1, R1, kh, kw) kernel, and its bias.
+    def _needs_grad(self, with_bias: bool = True) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        weights = self._weights()
+        return any(p.requires_grad for p in (weights if with_bias else weights[:len(self.ranks) + 1]))
 
-        The extra output channel has zero weights and bias 1, so the conv also emits a channel
-        of ones: the output core then carries the layer's bias as one more column, and the
-        whole output is a single matrix product (no separate pass to add the bias).
-        Cached for inference.
+    def chain_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``tt`` chain's three operators, in the form its forward uses them:
+
+        * the input core transposed, (R1, I) contiguous;
+        * the two spatial cores contracted into one (R3 + 1, R1, kh, kw) kernel, and its bias
+          (R3 + 1,): the extra output channel has zero weights and bias 1, so the conv also
+          emits a channel of ones;
+        * the output core with the layer's bias as one more column, (O, R3 + 1): the bias then
+          rides on the channel of ones, and the whole output is a single matrix product.
+
+        Cached without gradients (until a core or the bias changes); a compiled graph folds or
+        fuses the contraction itself.
         """
-        def contract():
-            spatial = torch.einsum("paq,qbr->rpab", self.cores[1], self.cores[2])
+        def compute():
+            u_in, g_h, g_w, u_out = self.cores
+            spatial = torch.einsum("paq,qbr->rpab", g_h, g_w)
             ones = spatial.new_zeros((1,) + spatial.shape[1:])
-            bias = spatial.new_zeros(spatial.shape[0] + 1)
-            bias[-1] = 1.0
-            return torch.cat([spatial, ones]), bias
-        if torch.compiler.is_compiling() or (
-                torch.is_grad_enabled() and (self.cores[1].requires_grad or self.cores[2].requires_grad)):
-            return contract()  # (a compiled graph folds or fuses the contraction itself)
-        return self._cached("spatial", contract)
+            ones_bias = spatial.new_zeros(spatial.shape[0] + 1)
+            ones_bias[-1] = 1.0
+            bias = self.bias if self.bias is not None else u_out.new_zeros(self.out_channels)
+            return (u_in.t().contiguous(), torch.cat([spatial, ones]), ones_bias,
+                    torch.cat([u_out.t(), bias[:, None]], 1))
+        if self.layout != "tt":
+            raise ValueError("chain_weights needs the tt layout")
+        if torch.compiler.is_compiling() or self._needs_grad():
+            return compute()
+        return self._cached("chain", compute)
 
     def _cached(self, name: str, compute):
         # A kernel made under inference mode is an inference tensor, which autograd refuses to
@@ -220,6 +242,22 @@ class TTConv2d(nn.Module):
     def _forward_dense(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding)
 
+    def _chain_input(self, x: torch.Tensor, u_in_t: torch.Tensor, kernel: torch.Tensor,
+                     ones_bias: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """x (n, I, h, w) through the input core and the spatial kernel: (n, R3 + 1, ho * wo), ho, wo."""
+        n, c, h, w = x.shape
+        if n == 1:  # at batch 1 each op's fixed cost counts: mm is cheaper than bmm
+            z = torch.mm(u_in_t, x.reshape(c, h * w))
+        else:
+            # Per image (R1, I) @ (I, h*w), batched with the core expanded (stride 0) over the
+            # batch. torch.matmul would be ~10x slower here: with a core that requires grad it
+            # copies x into a transposed layout first (measured at batch 64, 48 channels, 28x28:
+            # 2.7 vs 0.2 ms forward, 10.5 vs 2.1 ms forward+backward).
+            z = torch.bmm(u_in_t.expand(n, -1, -1), x.reshape(n, c, h * w))
+        z = F.conv2d(z.view(n, -1, h, w), kernel, ones_bias, self.stride, self.padding)
+        ho, wo = z.shape[-2:]
+        return z.view(n, -1, ho * wo), ho, wo
+
     def chain_factors(self, x: torch.Tensor, extra_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``tt`` layer on an NCHW input as a product per image: ``self(x, extra_bias)`` equals
         ``(w @ z).reshape(n, O, ho, wo)``, with
@@ -229,35 +267,31 @@ class TTConv2d(nn.Module):
         * w (O, R3 + 1): the output core, with the bias (plus ``extra_bias``) as its last column.
 
         The only full-width work is reading x once (the first product) and writing the output
-        once (w @ z).
+        once (w @ z). See :meth:`chain_weights`.
         """
-        if self.layout != "tt":
-            raise ValueError("chain_factors needs the tt layout")
-        u_in, _, _, u_out = self.cores
-        r1, _, r3 = self.ranks
-        n, _, h, w = x.shape
-        # Per image (R1, I) @ (I, h*w), batched with the core expanded (stride 0) over the batch.
-        # torch.matmul would be ~10x slower here: with a core that requires grad it copies x
-        # into a transposed layout first (measured at batch 64, 48 channels, 28x28: 2.7 vs
-        # 0.2 ms forward, 10.5 vs 2.1 ms forward+backward).
-        z = torch.bmm(u_in.t().expand(n, r1, self.in_channels), x.reshape(n, self.in_channels, h * w))
-        kernel, ones_bias = self._spatial_kernel()
-        z = F.conv2d(z.reshape(n, r1, h, w), kernel, ones_bias, self.stride, self.padding)
-        bias = self._bias(extra_bias)
-        if bias is None:
-            bias = u_out.new_zeros(self.out_channels)
-        return z.reshape(n, r3 + 1, -1), torch.cat([u_out.t(), bias[:, None]], 1)
+        u_in_t, kernel, ones_bias, w = self.chain_weights()
+        z, _, _ = self._chain_input(x, u_in_t, kernel, ones_bias)
+        if extra_bias is not None:
+            w = torch.cat([w[:, :-1], (w[:, -1] + extra_bias)[:, None]], 1)
+        return z, w
 
     def _forward_chain(self, x: torch.Tensor, extra_bias) -> torch.Tensor:
-        kh, kw = self.kernel_size
-        (sh, sw), (ph, pw) = self.stride, self.padding
         if self.layout == "tt":
             if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
                 x = x.contiguous()  # (a copy; the models run TT layers in NCHW)
+            u_in_t, kernel, ones_bias, w = self.chain_weights()
+            z, ho, wo = self._chain_input(x, u_in_t, kernel, ones_bias)
             n = x.shape[0]
-            z, w = self.chain_factors(x, extra_bias)
-            ho, wo = _conv_out_size(x.shape[2], kh, sh, ph), _conv_out_size(x.shape[3], kw, sw, pw)
-            return torch.bmm(w.expand(n, -1, -1), z).reshape(n, self.out_channels, ho, wo)
+            # extra_bias is added by the product itself (addmm / baddbmm broadcast it), so the
+            # cached w is used as is.
+            if n == 1:
+                out = torch.mm(w, z[0]) if extra_bias is None else torch.addmm(extra_bias[:, None], w, z[0])
+            else:
+                w = w.expand(n, -1, -1)
+                out = torch.bmm(w, z) if extra_bias is None else torch.baddbmm(extra_bias[:, None], w, z)
+            return out.view(n, self.out_channels, ho, wo)
+        kh, kw = self.kernel_size
+        (sh, sw), (ph, pw) = self.stride, self.padding
         bias = self._bias(extra_bias)
         a, b, c = self.cores
         r0, r1 = self.ranks
@@ -287,9 +321,8 @@ class TTConv2d(nn.Module):
     def resolve_mode(self, x: torch.Tensor) -> str:
         """The concrete path (``rebuild``, ``chain`` or ``cached``) a call on x will take."""
         mode = self.mode
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.cores)
         if mode == "auto":
-            size = tuple(x.shape[-2:])
+            size = x.shape[-2:]
             mode = self._auto_modes.get(size)
             if mode is None:  # decided once per input size: batch-1 calls are dominated by such overheads
                 # The chain launches three ops instead of one; only worth it when it saves most
@@ -298,8 +331,8 @@ class TTConv2d(nn.Module):
                 mode = "chain" if chain * 3 < dense else "cached"
                 if not torch.compiler.is_compiling():
                     self._auto_modes[size] = mode
-        if mode == "cached" and (needs_grad or torch.compiler.is_compiling()):
-            mode = "rebuild"
+        if mode == "cached" and (torch.compiler.is_compiling() or self._needs_grad(with_bias=False)):
+            mode = "rebuild"  # (the kernel has no bias)
         return mode
 
     def forward(self, x: torch.Tensor, extra_bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -117,7 +117,7 @@ def conv_with_extra_bias(conv: nn.Module, x: torch.Tensor, extra: torch.Tensor) 
 
 def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(x) for a stride-1, same-padded conv with few input or few output channels (the
-    1-or-3-channel stem and head), as one matrix product plus shifted slices.
+    1-or-3-channel stem and head), as one matrix product plus a fold (col2im) or shifted slices.
 
     oneDNN handles some of these shapes poorly on CPU; measured (1 thread, ms, conv -> this):
     48->1 head 5.6 -> 1.6 at batch 64, 0.14 -> 0.09 at batch 1; 48->3 head 8.6 -> 3.6 at
@@ -133,18 +133,21 @@ def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     faster = cout < cin or (cin == 1 and n >= 8)
     if not faster or conv.stride != (1, 1) or (ph, pw) != (kh // 2, kw // 2) or conv.groups != 1:
         return conv(x)
-    taps = [(i, j) for i in range(kh) for j in range(kw)]
     if cout <= cin:
-        # Few outputs: project every tap at once (kh*kw*cout channels), then add shifted copies.
-        z = torch.bmm(weight.permute(2, 3, 0, 1).reshape(1, kh * kw * cout, cin).expand(n, -1, -1),
-                      x.reshape(n, cin, h * w))
-        z = F.pad(z.reshape(n, kh * kw * cout, h, w), (pw, pw, ph, ph)).reshape(n, kh * kw, cout, h + 2 * ph, w + 2 * pw)
-        out = z[:, 0, :, :h, :w].clone()
-        for k, (i, j) in enumerate(taps[1:], 1):
-            out = out + z[:, k, :, i:i + h, j:j + w]
+        # Few outputs: project every tap at once (kh*kw*cout channels), then sum the shifted
+        # copies with F.fold (col2im, the adjoint of the im2col a conv does; it scatters where
+        # the conv gathers, hence the flipped taps). Measured against padding and adding shifted
+        # slices (ms, 48->1 head at 28x28): 0.067 -> 0.034 at batch 1, the same at batch 64.
+        taps_first = weight.flip(2, 3).reshape(cout, cin, kh * kw).transpose(1, 2).reshape(cout * kh * kw, cin)
+        if n == 1:
+            z = torch.mm(taps_first, x.reshape(cin, h * w))[None]
+        else:
+            z = torch.bmm(taps_first.expand(n, -1, -1), x.reshape(n, cin, h * w))
+        out = F.fold(z, (h, w), (kh, kw), padding=(ph, pw))
     else:
         # Few inputs: gather the kh*kw shifted copies (cin*kh*kw channels), then one projection.
         xp = F.pad(x, (pw, pw, ph, ph))
+        taps = [(i, j) for i in range(kh) for j in range(kw)]
         cols = torch.stack([xp[:, :, i:i + h, j:j + w] for i, j in taps], 2).reshape(n, cin * kh * kw, h * w)
         out = torch.bmm(weight.reshape(1, cout, cin * kh * kw).expand(n, -1, -1), cols).reshape(n, cout, h, w)
     return out if bias is None else out + bias[:, None, None]

@@ -14,15 +14,19 @@ def rel_err(a, b):
 @pytest.mark.parametrize("layout", ["tt", "authors"])
 @pytest.mark.parametrize("rank", [1, 2, 3, 4, 7])
 @pytest.mark.parametrize("stride,padding,kernel", [(1, 1, 3), (2, 1, 3), (1, 0, 3), (2, 2, 5), (3, 1, (3, 5))])
-def test_execution_modes_agree(layout, rank, stride, padding, kernel):
+@pytest.mark.parametrize("batch", [1, 3])  # (batch 1 takes plain matrix products in the chain)
+@pytest.mark.parametrize("extra_bias", [False, True])
+def test_execution_modes_agree(layout, rank, stride, padding, kernel, batch, extra_bias):
     layer = TTConv2d(12, 20, kernel, stride, padding, rank=rank, layout=layout).double()
-    x = torch.randn(3, 12, 17, 19, dtype=torch.double)
+    x = torch.randn(batch, 12, 17, 19, dtype=torch.double)
+    extra = torch.randn(20, dtype=torch.double) if extra_bias else None
     outs = {}
     for mode in ("rebuild", "chain", "cached", "auto"):
         layer.mode = mode
         with torch.no_grad():
-            outs[mode] = layer(x)
-    ref = nn.functional.conv2d(x, layer.full_kernel(), layer.bias, stride, padding)
+            outs[mode] = layer(x, extra_bias=extra)
+    bias = layer.bias if extra is None else layer.bias + extra
+    ref = nn.functional.conv2d(x, layer.full_kernel(), bias, stride, padding)
     for mode, y in outs.items():
         assert y.shape == ref.shape
         assert rel_err(y, ref) < 1e-5, mode
@@ -61,8 +65,12 @@ def test_cached_kernels_follow_weight_updates(mode):
         layer.cores[0].mul_(2.0)  # an in-place update, as an optimizer or load_state_dict does
         after = layer(x)
         expected = nn.functional.conv2d(x, layer.full_kernel(), layer.bias, 1, 1)
+        layer.bias.add_(1.0)  # (the chain caches the bias with the output core)
+        after_bias = layer(x)
+        expected_bias = nn.functional.conv2d(x, layer.full_kernel(), layer.bias, 1, 1)
     assert not torch.allclose(before, after)
     assert rel_err(after, expected) < 1e-6
+    assert rel_err(after_bias, expected_bias) < 1e-6
 
 
 def test_layers_built_in_inference_mode_run_in_every_mode():
@@ -254,11 +262,12 @@ def test_resampling_matches_the_reference_ops():
     assert torch.allclose(x.grad, torch.full_like(x, 0.25))
 
 
+@pytest.mark.parametrize("batch", [1, 8])  # (1: the matrix-product branch; 8: a 1-channel stem's fast path)
 @pytest.mark.parametrize("cin, cout, k", [(1, 48, 3), (3, 48, 3), (48, 1, 3), (48, 3, 3), (1, 4, 5), (6, 2, 5)])
-def test_few_channel_conv_matches_conv2d(cin, cout, k):
+def test_few_channel_conv_matches_conv2d(cin, cout, k, batch):
     from tendiff.unet import few_channel_conv
     conv = nn.Conv2d(cin, cout, k, 1, k // 2).double()
-    x = torch.randn(8, cin, 9, 11, dtype=torch.double, requires_grad=True)  # batch 8: the fast path
+    x = torch.randn(batch, cin, 9, 11, dtype=torch.double, requires_grad=True)
     assert rel_err(few_channel_conv(conv, x), conv(x)) < 1e-12
     few_channel_conv(conv, x).square().sum().backward()
     grad = x.grad.clone()
