@@ -211,6 +211,11 @@ def _input(dataset, image):
     return prepare_image(image, dataset, studio.limits)
 
 
+# What "model input" says after an upload that could not be prepared (the error toast says why),
+# instead of the previous image's description.
+UNUSABLE_UPLOAD = "**This upload is not usable** (see the message). Upload another image or pick an example."
+
+
 def noise_text(t_star) -> str:
     try:
         t = int(t_star)
@@ -641,7 +646,8 @@ def build_demo() -> gr.Blocks:
         gallery.select(example_selected, dataset, [image, true_label], api_visibility="private", queue=False).then(
             prepare, [dataset, image], [seen, seen_msg], api_name="prepare_example", api_visibility="private", **light)
         image.upload(lambda: UNKNOWN, None, true_label, api_visibility="private", queue=False)  # label unknown
-        image.upload(prepare, [dataset, image], [seen, seen_msg], api_name="prepare", **light)
+        image.upload(prepare, [dataset, image], [seen, seen_msg], api_name="prepare", **light).failure(
+            lambda: (None, UNUSABLE_UPLOAD), None, [seen, seen_msg], api_visibility="private", queue=False)
         image.clear(lambda: (None, "No input image: upload one or pick an example."), None, [seen, seen_msg],
                     api_visibility="private", queue=False)
         demo.load(prepare, [dataset, image], [seen, seen_msg], api_name="initial_prepare", api_visibility="private")

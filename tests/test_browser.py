@@ -140,6 +140,8 @@ def test_bad_upload_shows_a_message_and_the_app_keeps_working(page, tmp_path):
     time.sleep(2)  # any repeated event would have added its toast by now
     toasts = " ".join(t.inner_text() for t in page.locator("[data-testid=toast-body]").all())
     assert toasts.count("transparent pixels") == 1, toasts  # one upload, one message
+    # The model-input line no longer describes the previous image.
+    page.wait_for_function("document.querySelector('#prepare-message').innerText.includes('not usable')")
     shot(page, "03_bad_upload", full_page=False, close_toasts=False)
     page.click("#examples button[aria-label='Thumbnail 4 of 20']")
     page.wait_for_function("document.querySelector('#input-image img')?.src.includes('mnist_3_0')")
