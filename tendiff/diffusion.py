@@ -164,7 +164,10 @@ class GaussianDiffusion:
         sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) ** 0.5
         c = _sqrt_nonnegative(1 - a_s - sigma ** 2)
         k_x, k_pred = c / (1 - a_t) ** 0.5, a_s ** 0.5 - c * (a_t / (1 - a_t)) ** 0.5
-        x_s = torch.add(x_t * k_x, pred_x0, alpha=k_pred) if isinstance(k_pred, float) else k_x * x_t + k_pred * pred_x0
+        if isinstance(k_pred, float):
+            x_s = torch.add(x_t * k_x, pred_x0, alpha=k_pred)  # (two ops)
+        else:
+            x_s = k_x * x_t + k_pred * pred_x0
         if eta > 0:
             x_s = x_s + sigma * _randn_like(x_t, generator)
         return StepOutput(x_s, pred_x0)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tt import LAYOUTS, TTConv2d, count_parameters, is_tensorizable, tensorize, tensors_state
+from .tt import LAYOUTS, TTConv2d, count_parameters, is_tensorizable, per_image_matmul, tensorize, tensors_state
 
 MIN_TT_CHANNELS = 8
 CONV_KINDS = ("dense",) + LAYOUTS
@@ -123,8 +123,7 @@ def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     48->1 head 5.6 -> 1.6 at batch 64, 0.14 -> 0.09 at batch 1; 48->3 head 8.6 -> 3.6 at
     batch 64; 1->48 stem 13.3 -> 1.5 at batch 64 but 0.02 -> 0.07 at batch 1; 3->48 stem
     2.0 -> 7.4 at batch 64. So: heads always, 1-channel stems from batch 8, else ``conv``.
-    The arithmetic is the same. The products are batched (bmm with the weight expanded over the
-    batch): torch.matmul copies x into a transposed layout first when the weight requires grad.
+    The arithmetic is the same (the products: :func:`tendiff.tt.per_image_matmul`).
     """
     weight, bias = conv.weight, conv.bias
     cout, cin, kh, kw = weight.shape
@@ -138,18 +137,14 @@ def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         # copies with F.fold (col2im, the adjoint of the im2col a conv does; it scatters where
         # the conv gathers, hence the flipped taps). Measured against padding and adding shifted
         # slices (ms, 48->1 head at 28x28): 0.067 -> 0.034 at batch 1, the same at batch 64.
-        taps_first = weight.flip(2, 3).reshape(cout, cin, kh * kw).transpose(1, 2).reshape(cout * kh * kw, cin)
-        if n == 1:
-            z = torch.mm(taps_first, x.reshape(cin, h * w))[None]
-        else:
-            z = torch.bmm(taps_first.expand(n, -1, -1), x.reshape(n, cin, h * w))
-        out = F.fold(z, (h, w), (kh, kw), padding=(ph, pw))
+        per_tap = weight.flip(2, 3).reshape(cout, cin, kh * kw).transpose(1, 2).reshape(cout * kh * kw, cin)
+        out = F.fold(per_image_matmul(per_tap, x.reshape(n, cin, h * w)), (h, w), (kh, kw), padding=(ph, pw))
     else:
         # Few inputs: gather the kh*kw shifted copies (cin*kh*kw channels), then one projection.
         xp = F.pad(x, (pw, pw, ph, ph))
         taps = [(i, j) for i in range(kh) for j in range(kw)]
         cols = torch.stack([xp[:, :, i:i + h, j:j + w] for i, j in taps], 2).reshape(n, cin * kh * kw, h * w)
-        out = torch.bmm(weight.reshape(1, cout, cin * kh * kw).expand(n, -1, -1), cols).reshape(n, cout, h, w)
+        out = per_image_matmul(weight.reshape(cout, cin * kh * kw), cols).reshape(n, cout, h, w)
     return out if bias is None else out + bias[:, None, None]
 
 

@@ -33,16 +33,18 @@ def test_execution_modes_agree(layout, rank, stride, padding, kernel, batch, ext
 
 
 @pytest.mark.parametrize("mode", ["chain", "auto"])
-def test_factorized_modes_backpropagate_like_rebuild(mode):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_factorized_modes_backpropagate_like_rebuild(mode, batch):
     layer = TTConv2d(8, 8, 3, 1, 1, rank=2).double()
-    x = torch.randn(2, 8, 9, 9, dtype=torch.double, requires_grad=True)
+    x = torch.randn(batch, 8, 9, 9, dtype=torch.double, requires_grad=True)
+    extra = torch.randn(8, dtype=torch.double, requires_grad=True)  # (a time bias, added by the product)
     grads = {}
     for m in ("rebuild", mode):
         layer.zero_grad()
-        x.grad = None
+        x.grad = extra.grad = None
         layer.mode = m
-        layer(x).square().sum().backward()
-        grads[m] = [p.grad.clone() for p in layer.parameters()] + [x.grad.clone()]
+        layer(x, extra_bias=extra).square().sum().backward()
+        grads[m] = [p.grad.clone() for p in layer.parameters()] + [x.grad.clone(), extra.grad.clone()]
     for a, b in zip(grads["rebuild"], grads[mode]):
         assert rel_err(b, a) < 1e-10
 
