@@ -117,14 +117,30 @@ def bench_layers(dataset: str, batch_sizes, ranks, repeats: int) -> list[dict]:
     return rows
 
 
+def on_threads(threads: int, fn):
+    """fn, run with torch's intra-op thread count set to ``threads`` (restored afterwards)."""
+    def run():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+    return run
+
+
 def bench_purify(dataset: str, batch_sizes, ranks, t_star: int, steps: int, repeats: int,
                  compile_models: bool = False) -> list[dict]:
     """Whole purifications, all models timed round-robin; with ``compile_models``, also
-    torch.compile'd dense and tt-r2, with the seconds their first call took (compilation)."""
+    torch.compile'd dense and tt-r2, with the seconds their first call took (compilation).
+    tt-r2 is also timed on one thread: at batch 1 its ops are too small for a second thread to
+    pay for its fork and join."""
     cfg = preset(dataset)
     diffusion = GaussianDiffusion()
     models = [("dense", "nchw", UNet(cfg).eval()), ("dense", "channels-last", UNet(cfg).eval().use_channels_last())]
     models += [(f"tt-r{r}", "auto", UNet(preset(dataset, "tt", r)).eval()) for r in ranks]
+    one_thread = [("tt-r2", "auto, 1 thread", UNet(preset(dataset, "tt", 2)).eval())] if torch.get_num_threads() > 1 else []
+    models += one_thread
     rows = {(label, mode): {"model": label, "mode": mode} for label, mode, _ in models}
     if compile_models:
         compiled = [("dense", "channels-last, compiled", UNet(cfg).eval().use_channels_last()),
@@ -136,6 +152,8 @@ def bench_purify(dataset: str, batch_sizes, ranks, t_star: int, steps: int, repe
         fns = {}
         for label, mode, model in models:
             fns[(label, mode)] = (lambda m: lambda: purify_batch(m, diffusion, x, t_star, num_steps=steps))(model)
+            if "1 thread" in mode:
+                fns[(label, mode)] = on_threads(1, fns[(label, mode)])
             if "compiled" in mode:
                 t0 = time.perf_counter()
                 fns[(label, mode)]()
