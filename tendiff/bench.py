@@ -133,14 +133,15 @@ def bench_purify(dataset: str, batch_sizes, ranks, t_star: int, steps: int, repe
                  compile_models: bool = False) -> list[dict]:
     """Whole purifications, all models timed round-robin; with ``compile_models``, also
     torch.compile'd dense and tt-r2, with the seconds their first call took (compilation).
-    tt-r2 is also timed on one thread: at batch 1 its ops are too small for a second thread to
-    pay for its fork and join."""
+    Dense channels-last and tt-r2 are also timed on one thread: at batch 1 the TT model's ops are
+    too small for a second thread to pay for its fork and join."""
     cfg = preset(dataset)
     diffusion = GaussianDiffusion()
     models = [("dense", "nchw", UNet(cfg).eval()), ("dense", "channels-last", UNet(cfg).eval().use_channels_last())]
     models += [(f"tt-r{r}", "auto", UNet(preset(dataset, "tt", r)).eval()) for r in ranks]
-    one_thread = [("tt-r2", "auto, 1 thread", UNet(preset(dataset, "tt", 2)).eval())] if torch.get_num_threads() > 1 else []
-    models += one_thread
+    if torch.get_num_threads() > 1:  # (dense too, so that the best dense is the best of every setting)
+        models += [("dense", "channels-last, 1 thread", UNet(cfg).eval().use_channels_last()),
+                   ("tt-r2", "auto, 1 thread", UNet(preset(dataset, "tt", 2)).eval())]
     rows = {(label, mode): {"model": label, "mode": mode} for label, mode, _ in models}
     if compile_models:
         compiled = [("dense", "channels-last, compiled", UNet(cfg).eval().use_channels_last()),
