@@ -704,7 +704,7 @@ def warm_up() -> None:
     a server on a private port, closed afterwards. A server's first queued request costs ~0.6 s
     more than later ones (Gradio's request path warming up), and the costs stay paid in this
     process: measured with gradio_client, a click the instant the page was served took 1.1 s
-    when this second warm-up ran on the public server (the click queued behind it), 0.40-0.47 s
+    when this second warm-up ran on the public server (the click queued behind it), 0.37-0.47 s
     now."""
     args = list(WARM_UP_ARGS)
     try:
