@@ -693,6 +693,7 @@ def launch_kwargs() -> dict:
                 show_error=True)
 
 
+WARM_UP_TIMEOUT_S = 60
 WARM_UP_ARGS = ["mnist", str(ASSETS / DEFAULT_EXAMPLE), UNKNOWN, "gaussian", 0.2, 0.2, 0.2, 10, 1, 2,
                 # seed 1, not the default 0: the visitor's first default click still runs (and streams) live
                 1, DEFAULT_MODEL, DEFAULT_T_STAR, DEFAULT_METHOD, DEFAULT_STEPS]
@@ -718,7 +719,9 @@ def warm_up() -> None:
         try:
             from gradio_client import Client, handle_file
             args[1] = handle_file(args[1])
-            Client(demo.local_url, verbose=False, download_files=False).predict(*args, api_name="/purify")
+            client = Client(demo.local_url, verbose=False, download_files=False, httpx_kwargs={"timeout": 30})
+            # (bounded: a warm-up that hangs must not keep the app from starting)
+            client.submit(*args, api_name="/purify").result(timeout=WARM_UP_TIMEOUT_S)
         finally:
             demo.close()
     except Exception:
