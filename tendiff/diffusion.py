@@ -147,6 +147,7 @@ class GaussianDiffusion:
             method = "ddim"
         if method not in ("ddpm", "ddim"):
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        t, s = int(t), int(s)  # (so the schedule's coefficients below are Python floats)
         a_t, a_s = self._abar(t, x_t), self._abar(s, x_t)
         pred_x0 = self.predict_x0(x_t, t, eps).clamp(-1, 1)
         if s == 0:
@@ -160,14 +161,11 @@ class GaussianDiffusion:
         # Re-derive eps from the clipped x_0 so the two stay consistent:
         # eps = (x_t - sqrt(a_t) pred_x0) / sqrt(1 - a_t), and Eq. 12 is linear in (x_t, pred_x0):
         # x_s = sqrt(a_s) pred_x0 + c eps = c / sqrt(1 - a_t) x_t + (sqrt(a_s) - c sqrt(a_t / (1 - a_t))) pred_x0
-        # with c = sqrt(1 - a_s - sigma^2). The coefficients are scalars (or (B, 1, 1, 1) tensors).
+        # with c = sqrt(1 - a_s - sigma^2): two ops.
         sigma = eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) ** 0.5
-        c = _sqrt_nonnegative(1 - a_s - sigma ** 2)
+        c = math.sqrt(max(1 - a_s - sigma ** 2, 0.0))  # (rounding can push it below 0)
         k_x, k_pred = c / (1 - a_t) ** 0.5, a_s ** 0.5 - c * (a_t / (1 - a_t)) ** 0.5
-        if isinstance(k_pred, float):
-            x_s = torch.add(x_t * k_x, pred_x0, alpha=k_pred)  # (two ops)
-        else:
-            x_s = k_x * x_t + k_pred * pred_x0
+        x_s = torch.add(x_t * k_x, pred_x0, alpha=k_pred)
         if eta > 0:
             x_s = x_s + sigma * _randn_like(x_t, generator)
         return StepOutput(x_s, pred_x0)
@@ -185,11 +183,6 @@ class GaussianDiffusion:
         both = model(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([label, null]))
         cond, uncond = both.chunk(2)
         return (1 + guidance_scale) * cond - guidance_scale * uncond
-
-
-def _sqrt_nonnegative(v):
-    """sqrt(max(v, 0)) of a float or a tensor (rounding can push 1 - a_s - sigma^2 below 0)."""
-    return v.clamp(min=0).sqrt() if torch.is_tensor(v) else math.sqrt(max(v, 0.0))
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

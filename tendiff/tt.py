@@ -27,7 +27,7 @@ Three execution modes compute the same function:
 contracted first: R1 kh kw R3 numbers), and the output core as a 1x1 projection R3->O that
 also adds the bias (through an extra channel of ones): three launches, about
 (I R1 + R1 R3 kh kw + R3 O) multiply-accumulates per pixel instead of I O kh kw
-(:meth:`TTConv2d.chain_factors`). Doing the 1x1 steps as matrix products rather than
+(:meth:`TTConv2d.chain_weights`). Doing the 1x1 steps as matrix products rather than
 convolutions matters on CPU: oneDNN reorders NCHW tensors around 1x1 convolutions (a 48-wide
 rank-2 layer at batch 64, one thread on a busy machine: 15.8 ms as four convs, 2.0 ms this way);
 ``cached`` rebuilds once and reuses the kernel until a core changes (detected through the
@@ -260,41 +260,18 @@ class TTConv2d(nn.Module):
     def _forward_dense(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding)
 
-    def _chain_input(self, x: torch.Tensor, u_in_t: torch.Tensor, kernel: torch.Tensor,
-                     ones_bias: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """x (n, I, h, w) through the input core and the spatial kernel: (n, R3 + 1, ho * wo), ho, wo."""
-        n, c, h, w = x.shape
-        z = per_image_matmul(u_in_t, x.reshape(n, c, h * w))
-        z = F.conv2d(z.view(n, -1, h, w), kernel, ones_bias, self.stride, self.padding)
-        ho, wo = z.shape[-2:]
-        return z.view(n, -1, ho * wo), ho, wo
-
-    def chain_factors(self, x: torch.Tensor, extra_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``tt`` layer on an NCHW input as a product per image: ``self(x, extra_bias)`` equals
-        ``(w @ z).reshape(n, O, ho, wo)``, with
-
-        * z (n, R3 + 1, ho * wo): x through the input core (a 1x1 projection I -> R1) and the
-          contracted spatial cores (one kh x kw conv R1 -> R3), plus a channel of ones;
-        * w (O, R3 + 1): the output core, with the bias (plus ``extra_bias``) as its last column.
-
-        The only full-width work is reading x once (the first product) and writing the output
-        once (w @ z). See :meth:`chain_weights`.
-        """
-        u_in_t, kernel, ones_bias, w = self.chain_weights()
-        z, _, _ = self._chain_input(x, u_in_t, kernel, ones_bias)
-        if extra_bias is not None:
-            w = torch.cat([w[:, :-1], (w[:, -1] + extra_bias)[:, None]], 1)
-        return z, w
-
     def _forward_chain(self, x: torch.Tensor, extra_bias) -> torch.Tensor:
         if self.layout == "tt":
             if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
                 x = x.contiguous()  # (a copy; the models run TT layers in NCHW)
             u_in_t, kernel, ones_bias, w = self.chain_weights()
-            z, ho, wo = self._chain_input(x, u_in_t, kernel, ones_bias)
+            n, c, h, wd = x.shape
+            z = per_image_matmul(u_in_t, x.reshape(n, c, h * wd))  # (n, R1, h*w)
+            z = F.conv2d(z.view(n, -1, h, wd), kernel, ones_bias, self.stride, self.padding)  # (n, R3 + 1, ho, wo)
+            ho, wo = z.shape[-2:]
             # extra_bias is added by the product itself, so the cached w is used as is.
-            out = per_image_matmul(w, z, None if extra_bias is None else extra_bias[:, None])
-            return out.view(x.shape[0], self.out_channels, ho, wo)
+            out = per_image_matmul(w, z.view(n, -1, ho * wo), None if extra_bias is None else extra_bias[:, None])
+            return out.view(n, self.out_channels, ho, wo)
         kh, kw = self.kernel_size
         (sh, sw), (ph, pw) = self.stride, self.padding
         bias = self._bias(extra_bias)

@@ -234,9 +234,11 @@ class UNet(nn.Module):
         small ops of the time path are a tenth of a TT model's step."""
         if not torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
             return self.time_biases(t.reshape(1), None, dtype)
-        # (attribute access, not Module.parameters(): that generator alone took 22 us a call)
-        time_layers = [self.time_mlp[0], *(b.time_proj for b in self.blocks())]
-        state = (tensors_state([p for layer in time_layers for p in (layer.weight, layer.bias)]), dtype, t.device)
+        # Read through the modules' dicts: Module.parameters() took 22 us a call; with attribute
+        # lookups this whole check-and-fetch took 33 us a forward, 17 us this way.
+        time_layers = [self.time_mlp._modules["0"], *(b._modules["time_proj"] for b in self.blocks())]
+        weights = [p for layer in time_layers for p in layer._parameters.values() if p is not None]
+        state = (tensors_state(weights), dtype, t.device)
         if self._time_cache_state != state:  # new weights (or dtype): start afresh
             self._time_cache.clear()
             self._time_cache_state = state

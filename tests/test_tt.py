@@ -317,12 +317,16 @@ def test_input_gradients_through_frozen_layers_after_inference_calls(mode):
 
 
 @pytest.mark.parametrize("rank", [1, 2, 4, (2, 3, 5)])
-def test_chain_factors_reproduce_the_layer(rank):
+def test_chain_weights_reproduce_the_layer(rank):
+    """The chain's three operators, applied by hand: input projection, spatial conv (whose extra
+    output channel is all ones), output projection carrying the bias in its last column."""
     layer = TTConv2d(12, 20, 3, 1, 1, rank=rank).double()
     x = torch.randn(3, 12, 9, 11, dtype=torch.double)
-    extra = torch.randn(20, dtype=torch.double)
-    z, w = layer.chain_factors(x, extra)
-    assert z.shape == (3, layer.ranks[2] + 1, 9 * 11) and w.shape == (20, layer.ranks[2] + 1)
-    assert torch.allclose(z[:, -1], torch.ones_like(z[:, -1]))  # the channel of ones carries the bias
-    ref = nn.functional.conv2d(x, layer.full_kernel(), layer.bias + extra, 1, 1)
-    assert rel_err((w @ z).reshape(ref.shape), ref) < 1e-12
+    with torch.no_grad():
+        u_in_t, kernel, ones_bias, w = layer.chain_weights()
+        z = nn.functional.conv2d(torch.einsum("ri,nihw->nrhw", u_in_t, x), kernel, ones_bias, 1, 1)
+        assert z.shape == (3, layer.ranks[2] + 1, 9, 11) and w.shape == (20, layer.ranks[2] + 1)
+        assert torch.equal(z[:, -1], torch.ones_like(z[:, -1]))  # the channel of ones carries the bias
+        assert torch.equal(w[:, -1], layer.bias)
+        ref = nn.functional.conv2d(x, layer.full_kernel(), layer.bias, 1, 1)
+        assert rel_err(torch.einsum("or,nrhw->nohw", w, z), ref) < 1e-12
