@@ -50,16 +50,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tendiff.attacks import STRENGTH
 from tendiff.checkpoints import CheckpointIntegrityError, CheckpointNotFoundError
 from tendiff.data import CLASS_NAMES, DATASETS, IMAGE_SHAPE
 from tendiff.diffusion import METHODS
-from tendiff.pipeline import (CORRUPTION_TITLES, CORRUPTIONS, DATASET_TITLES, DEFAULT_METHOD, DEFAULT_MODEL,
-                              DEFAULT_STEPS, DEFAULT_T_STAR, T_STAR, CorruptionSpec, PurifySpec, Studio,
+from tendiff.pipeline import (APP_CORRUPTIONS, DEFAULT_METHOD, DEFAULT_MODEL,
+                              DEFAULT_STEPS, DEFAULT_T_STAR, CorruptionSpec, PurifySpec, Studio,
                               check_dataset, check_label, display_scale, gif_bytes, parameter_table,
                               prepare_image, strip_image, to_pil, topk)
+from tendiff.protocol import CORRUPTIONS, DATASET_TITLES, STRENGTH, T_STAR, purifier_title
 from tendiff.runtime import tune_allocator
-from tendiff.tt import tt_param_count
+from tendiff.tt import channel_modes, tt_param_count
+from tendiff.unet import preset
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT / "assets"
@@ -227,6 +228,11 @@ def noise_text(t_star) -> str:
         return ""
 
 
+def model_choices(labels) -> list[tuple[str, str]]:
+    """Dropdown (shown, value) pairs: ranks beyond the paper's R <= 4 say so."""
+    return [(purifier_title(m), m) for m in labels]
+
+
 def threat_text(kind, eps=0.2, attack_steps=10, eot=1, surrogate=2) -> str:
     try:
         spec = CorruptionSpec(kind, eps=eps, attack_steps=attack_steps, eot=eot, surrogate_steps=surrogate)
@@ -386,6 +392,10 @@ def learn_layer(dataset, model, layer):
         r1, r2, r3 = view["ranks"]
         formula = (f"I·R1 + kh·R1·R2 + kw·R2·R3 + R3·O = {i}·{r1} + {kh}·{r1}·{r2} + {kw}·{r2}·{r3} + {r3}·{o}"
                    f" = **{view['tt_parameters']:,}**")
+    elif view["layout"] == "ttm":
+        (r0, r1), ((c1, c2), (s1, s2)) = view["ranks"], (channel_modes(i), channel_modes(o))
+        formula = (f"kh·kw·R0 + R0·c1·s1·R1 + R1·c2·s2 = {kh}·{kw}·{r0} + {r0}·{c1}·{s1}·{r1} + {r1}·{c2}·{s2}"
+                   f" = **{view['tt_parameters']:,}** (I = {c1}·{c2}, O = {s1}·{s2})")
     else:
         r0, r1 = view["ranks"]
         formula = f"O·I·r0 + r0·kh·r1 + r1·kw = {o}·{i}·{r0} + {r0}·{kh}·{r1} + {r1}·{kw} = **{view['tt_parameters']:,}**"
@@ -394,29 +404,34 @@ def learn_layer(dataset, model, layer):
     text = (f"**{layer}** of {model}: kernel O x I x kh x kw = {o} x {i} x {kh} x {kw} = {view['dense_parameters']:,} "
             f"dense weights; TT cores: {formula} weights, {view['dense_parameters'] / view['tt_parameters']:.1f}x fewer.  \n"
             + err)
-    return (gr.update(choices=available, value=model), gr.update(choices=names, value=layer), _layer_figure(view), text)
+    return (gr.update(choices=model_choices(available), value=model), gr.update(choices=names, value=layer),
+            _layer_figure(view), text)
 
 
 @user_errors
 def learn_params(dataset, rank):
-    """The parameter formula as the rank changes, for one 64 -> 64 3x3 layer and the whole U-Net."""
+    """The parameter formula as the rank changes, for one of the model's 3x3 layers and the whole U-Net."""
     check_dataset(dataset)
     r = int(rank)
     if not 1 <= r <= 16:
         raise ValueError(f"rank must be in 1..16, got {r}")
-    c = 64
+    c = preset(dataset).channels[0]
+    a, b = channel_modes(c)
     dense = c * c * 9
     tt = tt_param_count(c, c, 3, r, "tt", bias=False)
+    ttm = tt_param_count(c, c, 3, r, "ttm", bias=False)
     au = tt_param_count(c, c, 3, r, "authors", bias=False)
-    text = (f"One {c} -> {c} 3x3 convolution at rank R = {r}:  \n"
+    text = (f"One of the U-Net's {c} -> {c} 3x3 convolutions at rank R = {r}:  \n"
             f"- dense: O·I·k·k = {c}·{c}·9 = **{dense:,}**  \n"
             f"- TT (one core per mode): I·R + 3R² + 3R² + R·O = {c}·{r} + 3·{r * r} + 3·{r * r} + {r}·{c} = **{tt:,}** "
             f"({dense / tt:.0f}x fewer; linear in the channels)  \n"
+            f"- TT-matrix ({c} = {a}·{b} channels each side): 9R + R·{a}·{a}·R + R·{b}·{b} = 9·{r} + {a * a}·{r * r} + "
+            f"{b * b}·{r} = **{ttm:,}** ({dense / ttm:.0f}x fewer; O(N R²))  \n"
             f"- authors' layout: O·I·R + 3R² + 3R = {c * c}·{r} + 3·{r * r} + 3·{r} = **{au:,}** "
             f"({dense / au:.1f}x fewer; still quadratic in the channels)")
     rows = parameter_table(dataset, range(1, 9))
     df = pd.DataFrame([{"rank": row["rank"], "parameters": row[k], "model": k} for row in rows
-                       for k in ("dense", "tt", "authors")])
+                       for k in ("dense", "tt", "ttm", "authors")])
     return text, df
 
 
@@ -477,7 +492,7 @@ def dataset_changed(dataset):
     strength = STRENGTH[dataset]  # the protocol's strengths for this dataset (e.g. eps 8/255 on CIFAR-10)
     return (gr.update(value=ex), gr.update(value=first),
             gr.update(choices=[UNKNOWN] + CLASS_NAMES[dataset], value=label_from_path(dataset, first) or UNKNOWN),
-            gr.update(choices=models, value=model), studio.status(dataset)) + cleared + (
+            gr.update(choices=model_choices(models), value=model), studio.status(dataset)) + cleared + (
             strength["gaussian"], strength["salt_pepper"], round(strength["pgd_linf"], 3), T_STAR[dataset])
 
 
@@ -536,7 +551,7 @@ def build_demo() -> gr.Blocks:
                         seen_msg = gr.Markdown(elem_id="prepare-message")
                     with gr.Column(scale=1, min_width=280):
                         gr.Markdown("### 2 · Corrupt")
-                        kind = gr.Radio([(CORRUPTION_TITLES[k], k) for k in CORRUPTIONS], value="gaussian",
+                        kind = gr.Radio([(CORRUPTIONS[k].title, k) for k in APP_CORRUPTIONS], value="gaussian",
                                         label="Corruption", elem_id="corruption")
                         sigma = gr.Slider(0, 1, STRENGTH["mnist"]["gaussian"], step=0.01, label="Gaussian sigma")
                         p = gr.Slider(0, 1, STRENGTH["mnist"]["salt_pepper"], step=0.01, label="Salt-and-pepper p",
@@ -557,8 +572,8 @@ def build_demo() -> gr.Blocks:
                                              elem_id="corrupted")
                     with gr.Column(scale=1, min_width=280):
                         gr.Markdown("### 3 · Purify")
-                        model = gr.Dropdown(models, value=DEFAULT_MODEL if DEFAULT_MODEL in models else None,
-                                            label="Purifier (dense, TT rank 1-4, authors' layout)", elem_id="model")
+                        model = gr.Dropdown(model_choices(models), value=DEFAULT_MODEL if DEFAULT_MODEL in models else None,
+                                            label="Purifier (dense; TT layouts tt, ttm, authors)", elem_id="model")
                         t_star = gr.Slider(1, studio.num_timesteps, DEFAULT_T_STAR, step=1, label="t* (diffusion depth)",
                                            elem_id="t-star")
                         t_text = gr.Markdown(noise_text(DEFAULT_T_STAR))
@@ -612,8 +627,8 @@ def build_demo() -> gr.Blocks:
                 rank = gr.Slider(1, 8, 2, step=1, label="Rank R")
                 params_text = gr.Markdown()
                 params_plot = gr.LinePlot(x="rank", y="parameters", color="model",
-                                          label="Whole U-Net parameters: dense (gray), TT (blue), authors' layout (red)",
-                                          color_map={"dense": "#7f7f7f", "tt": "#1f77b4", "authors": "#d62728"},
+                                          label="Whole U-Net parameters: dense (gray), TT (blue), TT-matrix (green), authors' layout (red)",
+                                          color_map={"dense": "#7f7f7f", "tt": "#1f77b4", "ttm": "#2ca02c", "authors": "#d62728"},
                                           height=320, elem_id="params-plot")
                 gr.Markdown("### Noise std over t")
                 schedule_plot = gr.Plot(label="Noise schedule", elem_id="schedule-plot")

@@ -15,13 +15,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
-from tendiff import attacks
 from tendiff import checkpoints as ckpt
-from tendiff.attacks import STRENGTH
 from tendiff.classifiers import predict
 from tendiff.data import DATASETS, load_dataset
-from tendiff.diffusion import GaussianDiffusion, purify_batch
+from tendiff.diffusion import GaussianDiffusion, purify_chunks
 from tendiff.evaluate import evaluation_order
+from tendiff.protocol import STRENGTH, corrupt
 from tendiff.runtime import tune_allocator
 
 
@@ -40,22 +39,20 @@ def main() -> None:
     x, y = test.float_images(held_out), test.labels[held_out]
     classifier = ckpt.load_model(ckpt.checkpoint_name(args.dataset, "classifier"))
     diffusion = GaussianDiffusion()
-    s = STRENGTH[args.dataset]
-    inputs = {"clean": x, "gaussian": attacks.gaussian_noise(x, s["gaussian"], args.seed),
-              "salt_pepper": attacks.salt_and_pepper(x, s["salt_pepper"], args.seed)}
+    inputs = {kind: corrupt(kind, x, STRENGTH[args.dataset].get(kind), args.seed)
+              for kind in ("none", "gaussian", "salt_pepper")}
 
     def accuracy(images):
         return (predict(classifier, images).argmax(1) == y).float().mean().item()
 
     print(f"{args.dataset}: {len(y)} held-out test images, {args.steps} DDIM steps")
-    print("| purifier | t* | clean | gaussian | salt_pepper | mean |\n|---|---|---|---|---|---|")
+    print("| purifier | t* | none | gaussian | salt_pepper | mean |\n|---|---|---|---|---|---|")
     accs = [accuracy(v) for v in inputs.values()]
     print(f"| none | - | " + " | ".join(f"{100 * a:.1f}" for a in accs) + f" | {100 * sum(accs) / 3:.1f} |")
     for name in args.purifiers:
         model = ckpt.load_model(ckpt.checkpoint_name(args.dataset, name))
         for t_star in args.t_star:
-            accs = [accuracy(torch.cat([purify_batch(model, diffusion, v[i:i + 250], t_star, num_steps=args.steps,
-                                                     seed=args.seed * 7919 + i) for i in range(0, len(v), 250)]))
+            accs = [accuracy(purify_chunks(model, diffusion, v, t_star, args.seed, num_steps=args.steps))
                     for v in inputs.values()]
             print(f"| {name} | {t_star} | " + " | ".join(f"{100 * a:.1f}" for a in accs)
                   + f" | {100 * sum(accs) / 3:.1f} |", flush=True)

@@ -1,30 +1,39 @@
 #!/usr/bin/env bash
-# Makes every committed checkpoint of one dataset, in order, on this machine:
-#   bash scripts/train_checkpoints.sh mnist
-# A checkpoint already in checkpoints/ is skipped; an interrupted one resumes from runs/.
-# Budgets are wall-clock minutes on a 2-core CPU; the LR schedule spans --steps, and --minutes
-# stops earlier (with the EMA weights saved) when the machine is slower than planned.
+# The training campaign for one dataset, resumable across sessions:
+#   bash scripts/train_checkpoints.sh fashion_mnist
+# Order: classifier, dense purifier (until its held-out loss stops improving), the rank ladder
+# (every TT purifier from that dense one by one recipe: same steps, same schedule), the
+# class-conditional copy. Each finished step leaves campaign/<dataset>/<name>.done; an interrupted
+# step resumes from its state in campaign/<dataset>/<name>/ (commit campaign/ before a session
+# ends: the next session's work tree is fresh). Logs: campaign/<dataset>/<name>.log.
+# The body is one function, read whole before it runs: editing this file mid-campaign is safe.
 set -euo pipefail
+main() {
 ds=${1:?dataset: mnist, fashion_mnist or cifar10}
 cd "$(dirname "$0")/.."
 case $ds in
-  mnist|fashion_mnist) cls="--steps 1800"; dense="--steps 2000 --minutes 16" ;;
-  cifar10)             cls="--steps 6000 --minutes 30"; dense="--steps 3000 --minutes 30" ;;
+  mnist|fashion_mnist) cls="--steps 1800" ;;
+  cifar10)             cls="--steps 6000 --minutes 30" ;;
   *) echo "unknown dataset $ds" >&2; exit 2 ;;
 esac
-run() {  # run NAME ARGS...: train checkpoints/<ds>_NAME.safetensors unless it exists
-  local out=checkpoints/${ds}_$1.safetensors; shift
-  if [ -f "$out" ]; then echo "have $out"; return; fi
-  python -m tendiff.train "$@" --dataset "$ds" --out "$out" --resume
+LADDER_STEPS=${LADDER_STEPS:-2000}  # one budget for every rung (docs/training.md)
+dir=campaign/$ds
+mkdir -p "$dir"
+run() {  # run NAME ARGS...: train checkpoints/<ds>_NAME.safetensors unless campaign says it is done
+  local name=$1; shift
+  if [ -f "$dir/$name.done" ]; then echo "done: $ds $name"; return; fi
+  python -m tendiff.train "$@" --dataset "$ds" --out "checkpoints/${ds}_$name.safetensors" \
+    --run-dir "$dir/$name" --resume 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v '^\s*$' >> "$dir/$name.log"
+  rm -rf "${dir:?}/$name"  # the finished run's optimizer state is not needed any more
+  date -u +%FT%TZ > "$dir/$name.done"
 }
-from_dense="--init-from checkpoints/${ds}_dense.safetensors"
-run classifier classifier $cls
-run dense purifier $dense
-# TT-SVD of the dense purifier, then fine-tuning; rank 2 (the quality bar) gets the most time.
-run tt-r2 purifier --conv tt --rank 2 $from_dense --steps 4000 --minutes 20
-for r in 1 3 4; do
-  run tt-r$r purifier --conv tt --rank $r $from_dense --steps 400 --minutes 3
+[ -f "checkpoints/${ds}_classifier.safetensors" ] || run classifier classifier $cls
+run dense purifier --until-converged --steps 20000
+from_dense="--init-from checkpoints/${ds}_dense.safetensors --steps $LADDER_STEPS"
+for label in tt-r1 tt-r2 tt-r3 tt-r4 tt-r8 tt-r16 ttm-r1 ttm-r2 ttm-r3 ttm-r4 authors-r3; do
+  run "$label" purifier --conv "${label%-r*}" --rank "${label##*-r}" $from_dense
 done
-run authors-r3 purifier --conv authors --rank 3 $from_dense --steps 400 --minutes 3
 # Class-conditional copy for the guidance lesson (guided by the true label: leaks it).
-run dense-cond purifier --conditional $from_dense --steps 500 --minutes 4
+run dense-cond purifier --conditional --init-from "checkpoints/${ds}_dense.safetensors" --steps 500
+}
+main "$@"; exit

@@ -14,26 +14,6 @@ import torch.nn.functional as F
 
 from .diffusion import GaussianDiffusion, purify_batch
 
-THREAT_MODELS = {
-    "none": "no corruption",
-    "gaussian": "random noise, no attacker",
-    "salt_pepper": "random noise, no attacker",
-    "pgd_linf": "transfer: the attack sees only the classifier",
-    "pgd_l2": "transfer: the attack sees only the classifier",
-    "autoattack_l2": "transfer: the attack sees only the classifier (the authors' protocol)",
-    "adaptive": "adaptive: the attack sees the classifier and the purifier (PGD+EOT through a DDIM surrogate)",
-}
-
-
-# The corruption strengths of the protocol, per dataset (pixel units in [0, 1]): the paper's
-# noises, and the usual L-inf budgets (MNIST 0.3, Fashion-MNIST 0.1, CIFAR-10 8/255) and the
-# authors' AutoAttack L2 0.5. tendiff.evaluate uses them; the app starts its sliders there.
-STRENGTH = {
-    "mnist": {"gaussian": 0.2, "salt_pepper": 0.2, "pgd_linf": 0.3, "autoattack_l2": 0.5},
-    "fashion_mnist": {"gaussian": 0.2, "salt_pepper": 0.2, "pgd_linf": 0.1, "autoattack_l2": 0.5},
-    "cifar10": {"gaussian": 0.2, "salt_pepper": 0.15, "pgd_linf": 8 / 255, "autoattack_l2": 0.5},
-}
-
 def _check_range(name: str, value: float, lo: float, hi: float) -> float:
     value = float(value)
     if not lo <= value <= hi:  # also refuses NaN

@@ -27,7 +27,7 @@ IMAGE_SHAPE = {"mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "cifar10": (3
 
 def check_dataset(name: str) -> str:
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return name
 
 

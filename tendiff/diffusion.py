@@ -228,3 +228,16 @@ def purify_batch(model, diffusion: GaussianDiffusion, images: torch.Tensor, t_st
     for last in purify(model, diffusion, images, t_star, **kwargs):
         pass
     return last.x_t
+
+
+def purify_chunks(model, diffusion: GaussianDiffusion, images: torch.Tensor, t_star: int, seed: int = 0,
+                  chunk: int = 250, labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """:func:`purify_batch` over a large set in chunks of ``chunk`` images; chunk i (its first
+    image's index) draws its noise from seed ``seed * 7919 + i``, so a result does not depend on
+    how many images were purified with it. ``labels`` (per image) guide a conditional model."""
+    out = []
+    for i in range(0, len(images), chunk):
+        label = None if labels is None else labels[i:i + chunk]
+        out.append(purify_batch(model, diffusion, images[i:i + chunk], t_star, seed=seed * 7919 + i, label=label,
+                                **kwargs))
+    return torch.cat(out)

@@ -31,26 +31,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import attacks
-from .attacks import STRENGTH
 from . import checkpoints as ckpt
 from .classifiers import predict
 from .data import DATASETS, load_dataset
-from .diffusion import GaussianDiffusion, purify_batch
-from .pipeline import T_STAR
+from .diffusion import GaussianDiffusion, purify_batch, purify_chunks
+from .protocol import CORRUPTIONS as PROTOCOL, STRENGTH, T_STAR, corrupt
 from .runtime import tune_allocator
 from .tt import TTConv2d
 
-CORRUPTIONS = ("clean", "gaussian", "salt_pepper", "pgd_linf", "autoattack_l2", "adaptive")
+CORRUPTIONS = ("none", "gaussian", "salt_pepper", "pgd_linf", "autoattack_l2", "adaptive")
 PURIFIERS = ("none", "dense", "tt-r1", "tt-r2", "tt-r3", "tt-r4", "authors-r3", "tt-r2/one-step",
              "dense-cond/guided")
-THREAT = {
-    "clean": "no corruption",
-    "gaussian": "random noise (no attacker)",
-    "salt_pepper": "random noise (no attacker)",
-    "pgd_linf": "transfer: crafted on the bare classifier",
-    "autoattack_l2": "transfer: crafted on the bare classifier (the authors' protocol)",
-    "adaptive": "adaptive: PGD+EOT through the purifier (DDIM surrogate)",
-}
 ATTACKS = ("pgd_linf", "autoattack_l2", "adaptive")
 
 
@@ -210,12 +201,8 @@ class Evaluation:
         n = self.n_for(corruption)
         x, y = self.images[:n], self.labels[:n]
         s, seed = self.strength, self.cfg.seed
-        if corruption == "clean":
-            return x
-        if corruption == "gaussian":
-            return attacks.gaussian_noise(x, s["gaussian"], seed)
-        if corruption == "salt_pepper":
-            return attacks.salt_and_pepper(x, s["salt_pepper"], seed)
+        if corruption == "none" or PROTOCOL[corruption].random:
+            return corrupt(corruption, x, s.get(corruption), seed)
         if corruption == "pgd_linf":
             eps = s["pgd_linf"]
             return attacks.pgd_linf(self.classifier, x, y, eps, alpha=2.5 * eps / self.cfg.pgd_steps,
@@ -239,14 +226,10 @@ class Evaluation:
     def purify(self, purifier: Purifier, x: torch.Tensor, seed: int) -> torch.Tensor:
         if purifier.model is None:
             return x
-        out = []
-        for i in range(0, len(x), self.cfg.batch_size):
-            chunk = x[i:i + self.cfg.batch_size]
-            label = self.labels[i:i + len(chunk)] if purifier.guided else None
-            out.append(purify_batch(purifier.model, self.diffusion, chunk, self.cfg.t_star,
-                                    num_steps=self.cfg.steps, method=purifier.method, seed=seed * 7919 + i,
-                                    label=label, guidance_scale=self.cfg.guidance_scale if label is not None else 0.0))
-        return torch.cat(out)
+        labels = self.labels[:len(x)] if purifier.guided else None
+        return purify_chunks(purifier.model, self.diffusion, x, self.cfg.t_star, seed, self.cfg.batch_size, labels,
+                             num_steps=self.cfg.steps, method=purifier.method,
+                             guidance_scale=self.cfg.guidance_scale if purifier.guided else 0.0)
 
     def cell(self, corruption: str, purifier: Purifier, corrupted: torch.Tensor) -> dict:
         n = len(corrupted)
@@ -262,7 +245,7 @@ class Evaluation:
         lo, hi = wilson_interval(acc * n, n)
         return {
             "dataset": self.cfg.dataset, "corruption": corruption, "purifier": purifier.name,
-            "threat_model": THREAT[corruption], "n": n, "seeds": len(seeds),
+            "threat_model": PROTOCOL[corruption].threat, "n": n, "seeds": len(seeds),
             "accuracy": acc, "ci95": [lo, hi],
             "accuracy_per_seed": correct.mean(1).tolist(),
             "worst_of_seeds": correct.min(0).values.mean().item(),
@@ -351,9 +334,7 @@ def summary_markdown(results: list[dict], purifiers=SUMMARY_PURIFIERS) -> str:
     """A compact table (accuracy %, mean over seeds; worst-of-seeds under attack) of a few
     purifiers per dataset, for the README: ``python -m tendiff.evaluate --summarize docs/results.json``."""
     corrs = list(dict.fromkeys(c["corruption"] for r in results for c in r["cells"]))
-    short = {"clean": "clean", "gaussian": "Gaussian", "salt_pepper": "salt & pepper", "pgd_linf": "PGD L-inf (transfer)",
-             "autoattack_l2": "AutoAttack L2 (transfer)", "adaptive": "PGD+EOT (adaptive)"}
-    lines = ["| dataset | purifier | " + " | ".join(short.get(c, c) for c in corrs) + " |",
+    lines = ["| dataset | purifier | " + " | ".join(PROTOCOL[c].short for c in corrs) + " |",
              "|---|---|" + "---|" * len(corrs)]
     for r in results:
         cells = {(c["corruption"], c["purifier"]): c for c in r["cells"]}
@@ -399,7 +380,7 @@ def claims(result: dict) -> list[str]:
             overlap = not (t["ci95"][0] > d["ci95"][1] or d["ci95"][0] > t["ci95"][1])
             verdict = ("no significant difference" if overlap else
                        ("tt-r2 better" if t["accuracy"] > d["accuracy"] else "tt-r2 worse"))
-            lines.append(f"- **TT vs dense purification, {corruption}** ({THREAT[corruption]}): tt-r2 {pct(t['accuracy'])}% "
+            lines.append(f"- **TT vs dense purification, {corruption}** ({PROTOCOL[corruption].threat}): tt-r2 {pct(t['accuracy'])}% "
                          f"vs dense {pct(d['accuracy'])}%: {verdict} at 95%.")
     return lines
 
@@ -436,7 +417,7 @@ def markdown(results: list[dict], command: str) -> str:
                 f"EOT {cfg['adaptive_eot']}, {cfg['surrogate_steps']}-step DDIM surrogate.", ""]
         if res["missing"]:
             out += [f"Not evaluated (checkpoint missing): {', '.join(res['missing'])}.", ""]
-        out.append("| purifier | " + " | ".join(f"{c}<br><sub>{THREAT[c]}</sub>" for c in corrs) + " |")
+        out.append("| purifier | " + " | ".join(f"{c}<br><sub>{PROTOCOL[c].threat}</sub>" for c in corrs) + " |")
         out.append("|---|" + "---|" * len(corrs))
         for p in purs:
             row = []
@@ -533,11 +514,21 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, torch {torch.__version__})")
 
 
+def read_results(path: Path) -> list[dict]:
+    """The results of a results.json (files written before the protocol named the no-corruption
+    case "none" call it "clean")."""
+    results = json.loads(Path(path).read_text())["results"]
+    for r in results:
+        for cell in r["cells"]:
+            cell["corruption"] = "none" if cell["corruption"] == "clean" else cell["corruption"]
+    return results
+
+
 def merge_results(results: list[dict], out_dir: Path) -> list[dict]:
     """The new results plus those of other datasets already in out_dir/results.json (each keeps
     the command and machine that made it), in dataset order."""
     path = out_dir / "results.json"
-    old = json.loads(path.read_text())["results"] if path.exists() else []
+    old = read_results(path) if path.exists() else []
     fresh = {r["config"]["dataset"] for r in results}
     kept = [r for r in old if r["config"]["dataset"] not in fresh]
     order = {d: i for i, d in enumerate(DATASETS)}
@@ -614,7 +605,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.summarize:
-        print(summary_markdown(json.loads(Path(args.summarize).read_text())["results"]))
+        print(summary_markdown(read_results(Path(args.summarize))))
         return
     command = "python -m tendiff.evaluate " + " ".join(shlex.quote(a) for a in argv)
     tune_allocator()

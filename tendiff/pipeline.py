@@ -34,39 +34,16 @@ from PIL import Image, UnidentifiedImageError
 from . import attacks
 from .checkpoints import CheckpointNotFoundError, checkpoint_name, load_model, manifest_path, read_manifest
 from .classifiers import predict
-from .data import CLASS_NAMES, DATASETS, IMAGE_SHAPE
+from .data import CLASS_NAMES, DATASETS, IMAGE_SHAPE, check_dataset
 from .diffusion import METHODS, GaussianDiffusion, purify
+from .protocol import CORRUPTIONS, DATASET_TITLES, PURIFIERS, T_STAR, corrupt, parse_model_label
 from .tt import TTConv2d, count_parameters, tt_layers, tt_param_count, dense_param_count
 from .unet import UNet, preset
 
-DATASET_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
-MODEL_LABELS = ("dense", "tt-r1", "tt-r2", "tt-r3", "tt-r4", "authors-r3")
+APP_CORRUPTIONS = ("none", "gaussian", "salt_pepper", "pgd_linf", "adaptive")  # what the app offers
 COMPARE_LABELS = ("dense", "tt-r1", "tt-r2", "tt-r3", "tt-r4")
-CORRUPTIONS = ("none", "gaussian", "salt_pepper", "pgd_linf", "adaptive")
-CORRUPTION_TITLES = {
-    "none": "None (clean input)",
-    "gaussian": "Gaussian noise (sigma)",
-    "salt_pepper": "Salt and pepper (p)",
-    "pgd_linf": "PGD L-inf on the classifier (eps, steps)",
-    "adaptive": "Adaptive PGD+EOT through the purifier (slow)",
-}
-THREAT_LINES = {
-    "none": "No corruption: the clean image goes straight to the purifier.",
-    "gaussian": "Random noise, no attacker.",
-    "salt_pepper": "Random noise, no attacker.",
-    "pgd_linf": "Threat model: the attack sees only the classifier (a transfer attack on the defense).",
-    "adaptive": "Threat model: the attack sees the purifier (PGD+EOT with gradients through a few-step "
-                "DDIM surrogate of the chosen purifier, then the classifier).",
-}
 DEFAULT_MODEL = "tt-r2"
-DEFAULT_T_STAR = 200  # the app's first dataset's (MNIST's) t*: noise std 0.36
-# t* per dataset (the app's starting value and PurifySpec's default), chosen on 500 held-out test
-# images (scripts/sweep_t_star.py, README) as the best mean accuracy of the dense purifier over
-# clean / Gaussian / salt-and-pepper, a lead under 1 point counting as a tie won by the shallower
-# t* (which keeps more of a clean image): MNIST 92.9% at 200 vs 93.1% at 250 and 89.1% at 150;
-# Fashion-MNIST 67.3% at 250 vs 62.9% at 200 and 66.2% at 300; CIFAR-10 43.6% at 100 vs 43.3% at 50
-# and 42.8% at 150.
-T_STAR = {"mnist": DEFAULT_T_STAR, "fashion_mnist": 250, "cifar10": 100}
+DEFAULT_T_STAR = T_STAR["mnist"]  # the app's first dataset's
 DEFAULT_STEPS = 10
 DEFAULT_METHOD = "ddim"
 
@@ -111,24 +88,6 @@ def _check_float(name: str, value: Any, lo: float, hi: float) -> float:
     return f
 
 
-def check_dataset(dataset: str) -> str:
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    return dataset
-
-
-def parse_model_label(label: str) -> tuple[str, int | None]:
-    """'dense' -> ('dense', None); 'tt-r2' -> ('tt', 2); 'authors-r3' -> ('authors', 3)."""
-    if label == "dense":
-        return "dense", None
-    layout, _, rank = str(label).partition("-r")
-    if layout not in ("tt", "authors") or not rank.isdigit():
-        raise ValueError(f"unknown model {label!r}; expected 'dense', 'tt-r1'..'tt-r4' or 'authors-r3'")
-    if not 1 <= int(rank) <= 4:
-        raise ValueError(f"TT rank must be in 1..4, got {int(rank)} (model {label!r})")
-    return layout, int(rank)
-
-
 def check_label(dataset: str, label: Any) -> int | None:
     """A true label as a class index (None: unknown). Accepts an index or a class name."""
     if label is None or label == "" or (isinstance(label, str) and label.startswith("unknown")):
@@ -150,8 +109,8 @@ class CorruptionSpec:
     surrogate_steps: int = 2
 
     def validated(self, limits: Limits = Limits()) -> "CorruptionSpec":
-        if self.kind not in CORRUPTIONS:
-            raise ValueError(f"unknown corruption {self.kind!r}; choose one of {', '.join(CORRUPTIONS)}")
+        if self.kind not in APP_CORRUPTIONS:
+            raise ValueError(f"unknown corruption {self.kind!r}; choose one of {', '.join(APP_CORRUPTIONS)}")
         max_steps = limits.max_adaptive_steps if self.kind == "adaptive" else limits.max_attack_steps
         return replace(
             self,
@@ -171,7 +130,7 @@ class CorruptionSpec:
 
     @property
     def threat(self) -> str:
-        return THREAT_LINES[self.kind]
+        return CORRUPTIONS[self.kind].threat
 
     def cost(self) -> str:
         if self.kind == "pgd_linf":
@@ -476,7 +435,7 @@ class Studio:
         """Purifier labels whose checkpoint the manifest lists, in display order."""
         check_dataset(dataset)
         listed = self.manifest_entries()
-        return [m for m in MODEL_LABELS if checkpoint_name(dataset, m) in listed]
+        return [m for m in PURIFIERS if checkpoint_name(dataset, m) in listed]
 
     def has_classifier(self, dataset: str) -> bool:
         return checkpoint_name(check_dataset(dataset), "classifier") in self.manifest_entries()
@@ -581,12 +540,8 @@ class Studio:
     def _corrupt(self, dataset, spec, x, y, seed, model, t_star) -> Corrupted:
         start = time.perf_counter()
         label_used = y
-        if spec.kind == "none":
-            out = x.clone()
-        elif spec.kind == "gaussian":
-            out = attacks.gaussian_noise(x, spec.sigma, seed)
-        elif spec.kind == "salt_pepper":
-            out = attacks.salt_and_pepper(x, spec.p, seed)
+        if spec.kind == "none" or CORRUPTIONS[spec.kind].random:
+            out = corrupt(spec.kind, x, {"gaussian": spec.sigma, "salt_pepper": spec.p}.get(spec.kind), seed)
         else:
             classifier = self.classifier(dataset)
             if label_used is None:
@@ -732,7 +687,7 @@ class Studio:
         """Cores of one TT layer, the kernel they rebuild, and the dense model's kernel there."""
         layout, rank = parse_model_label(model)
         if layout == "dense":
-            raise ValueError("pick a TT model (tt-r1..tt-r4 or authors-r3) to see its cores")
+            raise ValueError("pick a TT model (tt, ttm or authors layout) to see its cores")
         net = self.purifier(dataset, model)
         layers = dict(tt_layers(net))
         layer = layer or next(iter(layers))
@@ -790,14 +745,15 @@ class Studio:
 
 
 def parameter_table(dataset: str, ranks: Sequence[int] = range(1, 9)) -> list[dict]:
-    """Whole-U-Net parameter counts for dense, the ``tt`` layout and the authors' layout."""
+    """Whole-U-Net parameter counts for dense and the ``tt``, ``ttm`` and authors' layouts."""
     check_dataset(dataset)
     dense = count_parameters(UNet(preset(dataset)))
     rows = []
     for r in ranks:
         tt = count_parameters(UNet(preset(dataset, conv="tt", rank=r)))
+        ttm = count_parameters(UNet(preset(dataset, conv="ttm", rank=r)))
         au = count_parameters(UNet(preset(dataset, conv="authors", rank=r)))
-        rows.append({"rank": r, "dense": dense, "tt": tt, "authors": au})
+        rows.append({"rank": r, "dense": dense, "tt": tt, "ttm": ttm, "authors": au})
     return rows
 
 

@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -28,6 +29,7 @@ from . import checkpoints as ckpt
 from .classifiers import build_classifier, predict
 from .data import DATASETS, load_dataset
 from .diffusion import GaussianDiffusion, ScheduleConfig
+from .protocol import model_label as protocol_label
 from .runtime import tune_allocator
 from .tt import LAYOUTS
 from .unet import UNet, grow_blocks, preset, unet_from_dense
@@ -49,7 +51,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the sampled noise (distillation: the same minimiser, far less gradient noise)")
     p.add_argument("--conditional", action="store_true",
                    help="class-conditional purifier (label dropout, for classifier-free guidance)")
-    p.add_argument("--steps", type=int, default=5000, help="optimizer steps (the LR schedule spans them)")
+    p.add_argument("--steps", type=int, default=5000,
+                   help="optimizer steps (the cosine schedule spans them; with --until-converged, the cap)")
+    p.add_argument("--until-converged", action="store_true",
+                   help="purifiers: constant LR after warm-up, and stop once the held-out loss (EMA weights, "
+                        "every --eval-every steps) improved by less than --converge-tol over the last quarter "
+                        "of the steps (checked from --min-steps on)")
+    p.add_argument("--converge-tol", type=float, default=0.01, help="relative improvement that counts (0.01: 1%%)")
+    p.add_argument("--min-steps", type=int, default=2000, help="no convergence check before this step")
+    p.add_argument("--eval-every", type=int, default=250,
+                   help="purifiers: held-out loss every N steps (the loss curve in the manifest; 0: none)")
     p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this wall time")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per model)")
@@ -60,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="final checkpoint (default checkpoints/<dataset>_<model>.safetensors)")
     p.add_argument("--run-dir", help="where the resumable state lives (default runs/<out name>)")
     p.add_argument("--resume", action="store_true", help="continue from --run-dir/state.pt")
-    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--no-manifest", action="store_true", help="do not record the result in the manifest")
@@ -70,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def model_label(args) -> str:
     if args.what == "classifier":
         return "classifier"
-    label = "dense" if args.conv == "dense" else f"{args.conv}-r{args.rank}"
+    label = protocol_label(args.conv, args.rank)
     label += f"-b{args.blocks}" if args.blocks and args.blocks > 1 else ""
     return label + ("-cond" if args.conditional else "")
 
@@ -92,9 +103,11 @@ def augment(x: torch.Tensor, dataset: str, g: torch.Generator) -> torch.Tensor:
     return out
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str = "cosine") -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -121,6 +134,19 @@ def heldout_denoising_loss(model: UNet, diffusion: GaussianDiffusion, images: to
         pred = model(x_t.to(device), t.to(device)).cpu()
         total += F.mse_loss(pred, noise, reduction="sum").item()
     return total / images.numel()
+
+
+def converged(curve: list[tuple[int, float]], tol: float, min_steps: int) -> bool:
+    """True when the best held-out loss improved by less than ``tol`` (relative) over the last
+    quarter of the steps: best(step <= 3/4 s) vs best(step <= s), s the curve's last step."""
+    if not curve or curve[-1][0] < min_steps:
+        return False
+    last = curve[-1][0]
+    before = [loss for step, loss in curve if step <= 0.75 * last]
+    if not before:
+        return False
+    best_before, best_now = min(before), min(loss for _, loss in curve)
+    return (best_before - best_now) / best_before < tol
 
 
 def conditional_from_unconditional(dense: UNet, num_classes: int) -> UNet:
@@ -156,7 +182,11 @@ def train(args: argparse.Namespace) -> dict:
     state_path = run_dir / "state.pt"
 
     train_set = load_dataset(args.dataset, "train")
-    test_set = load_dataset(args.dataset, "test").subset(1000)
+    full_test = load_dataset(args.dataset, "test")
+    test_set = full_test.subset(1000)
+    # The loss curve and the stopping rule read the *last* 1000 test images, so that neither
+    # touches the first 1000 on which every accuracy is measured.
+    val_images = full_test.float_images(slice(len(full_test) - 1000, None))
     images = train_set.images
     labels = train_set.labels
 
@@ -198,6 +228,10 @@ def train(args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.0 if args.what == "purifier" else 5e-4)
     step, elapsed = 0, 0.0
     resumed_at = None
+    curve: list[tuple[int, float]] = []  # (step, held-out eps-MSE of the EMA weights)
+    schedule = "constant" if args.until_converged else "cosine"
+    if args.until_converged and args.what != "purifier":
+        raise SystemExit("--until-converged is for purifiers (it reads the held-out denoising loss)")
     if args.resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
@@ -205,6 +239,7 @@ def train(args: argparse.Namespace) -> dict:
         if ema is not None:
             ema.load_state_dict(state["ema"])
         step, elapsed = state["step"], state["elapsed"]
+        curve = [(int(a), float(b)) for a, b in state.get("curve", [])]
         resumed_at = step
         g.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -219,7 +254,7 @@ def train(args: argparse.Namespace) -> dict:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
-                 "generator": g.get_state(), "torch_rng": torch.get_rng_state()}
+                 "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "curve": curve}
         if ema is not None:
             state["ema"] = ema.state_dict()
         torch.save(state, run_dir / "state.tmp")
@@ -244,7 +279,7 @@ def train(args: argparse.Namespace) -> dict:
             x = augment(x, args.dataset, g) if (args.what == "classifier" or args.dataset == "cifar10") else x
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, args.steps, peak_lr, warmup)
+                group["lr"] = lr_at(step, args.steps, peak_lr, warmup, schedule)
             if args.what == "classifier":
                 loss = F.cross_entropy(net(x.contiguous(memory_format=memory_format)), y, label_smoothing=0.1 if args.dataset == "cifar10" else 0.0)
             else:
@@ -278,6 +313,12 @@ def train(args: argparse.Namespace) -> dict:
                 bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{seen_since / (now - t_since):.0f}", refresh=False)
                 seen_since, t_since = 0, now
             bar.update(1)
+            if ema is not None and args.eval_every and step % args.eval_every == 0:
+                curve.append((step, round(heldout_denoising_loss(ema, diffusion, val_images, args.t_max), 6)))
+                bar.write(f"step {step}: held-out loss {curve[-1][1]:.5f}")
+                if args.until_converged and converged(curve, args.converge_tol, args.min_steps):
+                    bar.write(f"converged at step {step}: under {args.converge_tol:.0%} better over the last quarter")
+                    break
             elapsed = time.perf_counter() - t_start
             if step % args.save_every == 0:
                 save_state()
@@ -312,6 +353,9 @@ def train(args: argparse.Namespace) -> dict:
         "distill_from": Path(args.distill_from).name if args.distill_from else None,
         "resumed_at_step": resumed_at,  # the command continued a run saved in --run-dir at this step
         "train_metrics": metrics,
+        "schedule": schedule,
+        "converged": converged(curve, args.converge_tol, args.min_steps) if args.until_converged else None,
+        "heldout_curve": curve,  # (step, eps-MSE on the last 1000 test images), EMA weights
     }
     ckpt.save_checkpoint(final, out, extra={k: record[k] for k in ("command", "seed", "steps", "t_max")})
     if not args.no_manifest:
@@ -326,6 +370,8 @@ def main(argv=None):
     args = parse_args(argv)
     args.argv = argv
     tune_allocator()
+    # A job killed with SIGTERM (a session ending, `kill`) saves its state like Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         train(args)
     except KeyboardInterrupt:

@@ -20,6 +20,18 @@ with cores (O, I, r0), (r0, kh, r1), (r1, kw): O*I*r0 + ... parameters, still qu
 the channel count. Its chain is a 1x1 conv to O*r0 channels followed by two grouped
 convolutions (groups = O), which is not cheaper than the dense kernel.
 
+``ttm`` (tensor-train *matrix* over factorized channel modes; Garipov, Podoprikhin, Novikov and
+Vetrov 2016, "Ultimate tensorization"): with I = c1 c2 and O = s1 s2 (:func:`channel_modes`),
+
+    W[(o1 o2), (i1 i2), a, b] = sum_{r0, r1} K[(a b), r0] G1[r0, i1, o1, r1] G2[r1, i2, o2]
+
+with cores (kh kw, R0), (R0, c1, s1, R1), (R1, c2, s2): kh kw R0 + R0 c1 s1 R1 + R1 c2 s2
+parameters. With c1 s1 close to N the middle core holds about N R^2 numbers: this is the
+abstract's O(N R^2). For each spatial component r0 the channel mixing is a sum of R1 Kronecker
+products, which is full rank (unlike ``tt``, whose output lies in an R3-dim channel subspace).
+Its chain is one pixelwise product I -> R0 O (the two channel cores contracted) and a grouped
+kh x kw conv with the spatial core shared by every output channel.
+
 Three execution modes compute the same function:
 ``rebuild`` rebuilds the dense kernel on every call (what the authors' code does);
 ``chain`` runs the cores as a chain: for ``tt``, the input core as a 1x1 projection I->R1
@@ -44,16 +56,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LAYOUTS = ("tt", "authors")
+LAYOUTS = ("tt", "ttm", "authors")
 MODES = ("rebuild", "chain", "cached", "auto")
+# How many dense-conv MACs one chain MAC costs, for the "auto" mode's choice (docs/performance.md).
+CHAIN_COST = {"tt": 3, "ttm": 6, "authors": 3}
 
 
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
 
+def channel_modes(channels: int) -> tuple[int, int]:
+    """The ``ttm`` factorization of a channel count: the most balanced pair (a, b), a >= b,
+    a * b = channels (48 -> (8, 6), 64 -> (8, 8), 3 -> (3, 1)). Balanced modes make the
+    middle core's c1 s1 closest to N, the O(N R^2) of the layout."""
+    b = max(d for d in range(1, math.isqrt(channels) + 1) if channels % d == 0)
+    return channels // b, b
+
+
 def normalize_ranks(rank, layout: str) -> tuple[int, ...]:
-    """Bond ranks for a layout: 3 for ``tt`` (R1, R2, R3), 2 for ``authors`` (r0, r1).
+    """Bond ranks for a layout: 3 for ``tt`` (R1, R2, R3), 2 for ``ttm`` (R0, R1) and
+    ``authors`` (r0, r1).
 
     An int R means the same rank on every bond.
     """
@@ -71,6 +94,11 @@ def normalize_ranks(rank, layout: str) -> tuple[int, ...]:
 def full_ranks(in_channels: int, out_channels: int, kernel_size, layout: str) -> tuple[int, ...]:
     """The smallest bond ranks at which a TT can represent *any* kernel exactly."""
     kh, kw = _pair(kernel_size)
+    if layout == "ttm":
+        # Unfoldings of the (kh kw, c1 s1, c2 s2) tensor: kh kw | rest, kh kw c1 s1 | c2 s2.
+        (c1, c2), (s1, s2) = channel_modes(in_channels), channel_modes(out_channels)
+        r0 = min(kh * kw, in_channels * out_channels)
+        return (r0, min(r0 * c1 * s1, c2 * s2))
     if layout == "tt":
         # Unfoldings of the (I, kh, kw, O) tensor: I | kh kw O, I kh | kw O, I kh kw | O.
         return (
@@ -91,6 +119,10 @@ def tt_param_count(in_channels: int, out_channels: int, kernel_size, rank, layou
     if layout == "tt":
         r1, r2, r3 = ranks
         n = in_channels * r1 + r1 * kh * r2 + r2 * kw * r3 + r3 * out_channels
+    elif layout == "ttm":
+        (c1, c2), (s1, s2) = channel_modes(in_channels), channel_modes(out_channels)
+        r0, r1 = ranks
+        n = kh * kw * r0 + r0 * c1 * s1 * r1 + r1 * c2 * s2
     else:
         r0, r1 = ranks
         n = out_channels * in_channels * r0 + r0 * kh * r1 + r1 * kw
@@ -150,6 +182,10 @@ class TTConv2d(nn.Module):
         if layout == "tt":
             r1, r2, r3 = self.ranks
             shapes = [(in_channels, r1), (r1, kh, r2), (r2, kw, r3), (r3, out_channels)]
+        elif layout == "ttm":
+            (c1, c2), (s1, s2) = channel_modes(in_channels), channel_modes(out_channels)
+            r0, r1 = self.ranks
+            shapes = [(kh * kw, r0), (r0, c1, s1, r1), (r1, c2, s2)]
         else:
             r0, r1 = self.ranks
             shapes = [(out_channels, in_channels, r0), (r0, kh, r1), (r1, kw)]
@@ -186,6 +222,11 @@ class TTConv2d(nn.Module):
         if self.layout == "tt":
             u_in, g_h, g_w, u_out = self.cores
             return torch.einsum("ip,paq,qbr,ro->oiab", u_in, g_h, g_w, u_out)
+        if self.layout == "ttm":
+            kh, kw = self.kernel_size
+            k, g1, g2 = self.cores
+            w = torch.einsum("kp,pasq,qbt->stabk", k, g1, g2)  # (s1, s2, c1, c2, kh kw)
+            return w.reshape(self.out_channels, self.in_channels, kh, kw)
         a, b, c = self.cores
         return torch.einsum("oip,paq,qb->oiab", a, b, c)
 
@@ -234,6 +275,22 @@ class TTConv2d(nn.Module):
             return compute()
         return self._cached("chain", compute)
 
+    def ttm_chain_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``ttm`` chain's two operators: the channel cores contracted into one pixelwise
+        (O R0, I) matrix, rows ordered (o, r0), and the spatial core as an (O, R0, kh, kw)
+        grouped-conv kernel (the same R0 filters for every output channel). Cached like
+        :meth:`chain_weights`."""
+        def compute():
+            k, g1, g2 = self.cores
+            mix = torch.einsum("pasq,qbt->stpab", g1, g2).reshape(self.out_channels * self.ranks[0], self.in_channels)
+            spatial = k.t().reshape(1, self.ranks[0], *self.kernel_size).expand(self.out_channels, -1, -1, -1)
+            return mix, spatial.contiguous()
+        if self.layout != "ttm":
+            raise ValueError("ttm_chain_weights needs the ttm layout")
+        if torch.compiler.is_compiling() or self._needs_grad(with_bias=False):
+            return compute()
+        return self._cached("ttm-chain", compute)
+
     def _cached(self, name: str, compute):
         # A kernel made under inference mode is an inference tensor, which autograd refuses to
         # save even as a constant (an attack differentiating w.r.t. the input through frozen
@@ -272,6 +329,11 @@ class TTConv2d(nn.Module):
             # extra_bias is added by the product itself, so the cached w is used as is.
             out = per_image_matmul(w, z.view(n, -1, ho * wo), None if extra_bias is None else extra_bias[:, None])
             return out.view(n, self.out_channels, ho, wo)
+        if self.layout == "ttm":
+            mix, spatial = self.ttm_chain_weights()
+            n, c, h, wd = x.shape
+            z = per_image_matmul(mix, x.reshape(n, c, h * wd)).view(n, -1, h, wd)  # (n, O R0, h, w)
+            return F.conv2d(z, spatial, self._bias(extra_bias), self.stride, self.padding, groups=self.out_channels)
         kh, kw = self.kernel_size
         (sh, sw), (ph, pw) = self.stride, self.padding
         bias = self._bias(extra_bias)
@@ -295,6 +357,9 @@ class TTConv2d(nn.Module):
         if self.layout == "tt":
             r1, _, r3 = self.ranks
             return height * width * self.in_channels * r1 + ho * wo * r3 * (r1 * kh * kw + self.out_channels)
+        if self.layout == "ttm":
+            r0 = self.ranks[0]
+            return height * width * self.in_channels * self.out_channels * r0 + ho * wo * self.out_channels * r0 * kh * kw
         r0, r1 = self.ranks
         o = self.out_channels
         return (height * width * self.in_channels * o * r0 + ho * width * o * r0 * r1 * kh
@@ -307,10 +372,10 @@ class TTConv2d(nn.Module):
             size = x.shape[-2:]
             mode = self._auto_modes.get(size)
             if mode is None:  # decided once per input size: batch-1 calls are dominated by such overheads
-                # The chain launches three ops instead of one; only worth it when it saves most
-                # of the arithmetic (measured in tendiff.bench).
+                # The chain launches more ops than one conv (and ttm's grouped conv is slow per
+                # MAC on CPU); only worth it when it saves most of the arithmetic (docs/performance.md).
                 chain, dense = self.macs(*size, "chain"), self.macs(*size, "dense")
-                mode = "chain" if chain * 3 < dense else "cached"
+                mode = "chain" if chain * CHAIN_COST[self.layout] < dense else "cached"
                 if not torch.compiler.is_compiling():
                     self._auto_modes[size] = mode
         if mode == "cached" and (torch.compiler.is_compiling() or self._needs_grad(with_bias=False)):
@@ -396,6 +461,18 @@ def tt_svd(weight: torch.Tensor, ranks: Sequence[int], layout: str = "tt") -> li
         cores[1] = _pad_rank(_pad_rank(cores[1], 0, r1), 2, r2)
         cores[2] = _pad_rank(_pad_rank(cores[2], 0, r2), 2, r3)
         cores[3] = _pad_rank(cores[3], 0, r3)
+        return cores
+    if layout == "ttm":
+        (c1, c2), (s1, s2) = channel_modes(i), channel_modes(o)
+        r0, r1 = ranks
+        t = weight.reshape(s1, s2, c1, c2, kh * kw).permute(4, 2, 0, 3, 1)  # (kh kw, c1, s1, c2, s2)
+        k, rest = _truncated_split(t.reshape(kh * kw, c1 * s1 * c2 * s2), r0)
+        k0 = k.shape[1]
+        g1, g2 = _truncated_split(rest.reshape(k0 * c1 * s1, c2 * s2), r1)
+        k1 = g1.shape[1]
+        cores = [_pad_rank(k, 1, r0), g1.reshape(k0, c1, s1, k1), g2.reshape(k1, c2, s2)]
+        cores[1] = _pad_rank(_pad_rank(cores[1], 0, r0), 3, r1)
+        cores[2] = _pad_rank(cores[2], 0, r1)
         return cores
     r0, r1 = ranks
     a, rest = _truncated_split(weight.reshape(o * i, kh * kw), r0)

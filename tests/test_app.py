@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from conftest import missing_checkpoints  # noqa: E402
 from tendiff.pipeline import (COMPARE_LABELS, CorruptionSpec, Limits, PurifySpec, Studio, check_label,  # noqa: E402
-                              parse_model_label, prepare_image, quantize)
+                              prepare_image, quantize)
+from tendiff.protocol import parse_model_label, purifier_title  # noqa: E402
 
 ASSETS = ROOT / "assets"
 
@@ -95,8 +96,9 @@ def test_opaque_alpha_is_accepted():
     (dict(steps=0), "reverse steps must be in 1..100"),
     (dict(steps=10 ** 6), "reverse steps must be in 1..100"),
     (dict(t_star=5, steps=10), "reverse steps must be in 1..5"),
-    (dict(model="tt-r5"), "rank must be in 1..4"),
-    (dict(model="tt-r0"), "rank must be in 1..4"),
+    (dict(model="tt-r17"), "rank must be in 1..16"),
+    (dict(model="tt-r0"), "rank must be in 1..16"),
+    (dict(model="cp-r2"), "unknown model"),
     (dict(model="big"), "unknown model"),
     (dict(method="euler"), "unknown method"),
     (dict(seed=-1), "seed must be in"),
@@ -130,6 +132,8 @@ def test_corruption_validation(kwargs, message):
 def test_labels_and_models():
     assert parse_model_label("dense") == ("dense", None)
     assert parse_model_label("authors-r3") == ("authors", 3)
+    assert parse_model_label("ttm-r4") == ("ttm", 4)
+    assert purifier_title("tt-r8") == "tt-r8 (beyond the paper's R <= 4)" and purifier_title("tt-r4") == "tt-r4"
     assert check_label("mnist", "7") == 7 and check_label("fashion_mnist", "Sneaker") == 7
     assert check_label("mnist", "unknown (use the classifier's prediction)") is None
     with pytest.raises(ValueError):
@@ -150,7 +154,7 @@ def test_validation_happens_before_any_work(monkeypatch):
 
 
 def test_purify_spec_defaults_to_the_datasets_t_star():
-    from tendiff.pipeline import T_STAR
+    from tendiff.protocol import T_STAR
     assert PurifySpec().validated(1000, dataset="cifar10").t_star == T_STAR["cifar10"]
     assert PurifySpec().validated(1000, dataset="fashion_mnist").t_star == T_STAR["fashion_mnist"]
     assert PurifySpec(t_star=50).validated(1000, dataset="cifar10").t_star == 50

@@ -48,7 +48,7 @@ def test_evaluation_end_to_end(tiny_world, capsys):
     out = tiny_world / "results"
     evaluate_main(["--dataset", "mnist", "--n", "12", "--n-attack", "4", "--seeds", "2", "--t-star", "20",
                    "--steps", "2", "--pgd-steps", "2", "--adaptive-steps", "1", "--adaptive-eot", "1",
-                   "--corruptions", "clean", "gaussian", "salt_pepper", "pgd_linf", "adaptive",
+                   "--corruptions", "none", "gaussian", "salt_pepper", "pgd_linf", "adaptive",
                    "--purifiers", "none", "dense", "tt-r2", "tt-r4", "tt-r2/one-step", "dense-cond/guided",
                    "--out", str(out), "--record-metrics"])
     data = json.loads((out / "results.json").read_text())["results"][0]
@@ -61,14 +61,14 @@ def test_evaluation_end_to_end(tiny_world, capsys):
         assert c["n"] == (4 if c["corruption"] in ("pgd_linf", "adaptive") else 12)
         assert c["seeds"] == (1 if c["purifier"] == "none" else 2)
         assert c["worst_of_seeds"] <= c["accuracy"] + 1e-9
-    clean_none = next(c for c in data["cells"] if c["corruption"] == "clean" and c["purifier"] == "none")
+    clean_none = next(c for c in data["cells"] if c["corruption"] == "none" and c["purifier"] == "none")
     assert clean_none["psnr"] == pytest.approx(100.0)  # unpurified clean image: identical
     costs = {c["purifier"]: c for c in data["costs"]}
     assert costs["tt-r2"]["parameters"] < costs["dense"]["parameters"]
     assert costs["tt-r2"]["macs_per_forward"] < costs["dense"]["macs_per_forward"]
     assert costs["tt-r2/one-step"]["forwards_per_image"] == 1
     md = (out / "results.md").read_text()
-    assert "transfer: crafted on the bare classifier" in md and "adaptive: PGD+EOT" in md
+    assert "Transfer: the attack sees only the classifier" in md and "Adaptive: the attack sees the purifier" in md
     assert "Not evaluated (checkpoint missing): tt-r4" in md
     assert (out / "figures" / "mnist_accuracy.png").stat().st_size > 1000
     assert "![figures/mnist_accuracy.png](figures/mnist_accuracy.png)" in md
@@ -79,7 +79,7 @@ def test_evaluation_end_to_end(tiny_world, capsys):
 
 def test_merge_keeps_other_datasets_with_their_commands(tiny_world, capsys):
     out = tiny_world / "results"
-    args = ["--n", "4", "--seeds", "1", "--t-star", "10", "--steps", "1", "--corruptions", "clean", "gaussian",
+    args = ["--n", "4", "--seeds", "1", "--t-star", "10", "--steps", "1", "--corruptions", "none", "gaussian",
             "--purifiers", "none", "dense", "--no-timing", "--out", str(out)]
     evaluate_main(["--dataset", "mnist"] + args)
     other = json.loads((out / "results.json").read_text())

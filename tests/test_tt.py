@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from tendiff.tt import (TTConv2d, count_parameters, dense_param_count, full_ranks, set_mode, tensorize,
-                        tt_param_count)
+from tendiff.tt import (TTConv2d, channel_modes, count_parameters, dense_param_count, full_ranks, set_mode,
+                        tensorize, tt_param_count)
 from tendiff.unet import UNet, preset, unet_from_dense
 
 
@@ -11,7 +11,7 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("layout", ["tt", "authors"])
+@pytest.mark.parametrize("layout", ["tt", "ttm", "authors"])
 @pytest.mark.parametrize("rank", [1, 2, 3, 4, 7])
 @pytest.mark.parametrize("stride,padding,kernel", [(1, 1, 3), (2, 1, 3), (1, 0, 3), (2, 2, 5), (3, 1, (3, 5))])
 @pytest.mark.parametrize("batch", [1, 3])  # (batch 1 takes plain matrix products in the chain)
@@ -32,10 +32,11 @@ def test_execution_modes_agree(layout, rank, stride, padding, kernel, batch, ext
         assert rel_err(y, ref) < 1e-5, mode
 
 
+@pytest.mark.parametrize("layout", ["tt", "ttm"])
 @pytest.mark.parametrize("mode", ["chain", "auto"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_factorized_modes_backpropagate_like_rebuild(mode, batch):
-    layer = TTConv2d(8, 8, 3, 1, 1, rank=2).double()
+def test_factorized_modes_backpropagate_like_rebuild(layout, mode, batch):
+    layer = TTConv2d(8, 8, 3, 1, 1, rank=2, layout=layout).double()
     x = torch.randn(batch, 8, 9, 9, dtype=torch.double, requires_grad=True)
     extra = torch.randn(8, dtype=torch.double, requires_grad=True)  # (a time bias, added by the product)
     grads = {}
@@ -92,7 +93,7 @@ def test_cached_mode_trains_through_rebuild():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.cores)
 
 
-@pytest.mark.parametrize("layout", ["tt", "authors"])
+@pytest.mark.parametrize("layout", ["tt", "ttm", "authors"])
 @pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1)])
 def test_tt_svd_at_full_rank_reproduces_dense_conv(layout, stride, padding):
     conv = nn.Conv2d(6, 10, 3, stride, padding).double()
@@ -112,10 +113,10 @@ def test_tt_svd_error_shrinks_with_rank():
     assert errors[0] > 0.3  # a random kernel is far from rank 1
 
 
-@pytest.mark.parametrize("layout", ["tt", "authors"])
+@pytest.mark.parametrize("layout", ["tt", "ttm", "authors"])
 @pytest.mark.parametrize("rank", [1, 2, 3, 4, (2, 3, 5)])
 def test_parameter_count_matches_formula(layout, rank):
-    if layout == "authors" and isinstance(rank, tuple):
+    if layout != "tt" and isinstance(rank, tuple):
         rank = (2, 3)
     layer = TTConv2d(32, 64, 3, rank=rank, layout=layout)
     n = count_parameters(layer)
@@ -124,7 +125,39 @@ def test_parameter_count_matches_formula(layout, rank):
         assert n == 32 * rank + 3 * rank * rank * 2 + rank * 64 + 64  # O(N R^2)
     if layout == "authors" and isinstance(rank, int):
         assert n == 64 * 32 * rank + rank * 3 * rank + rank * 3 + 64  # O(N^2 R)
+    if layout == "ttm" and isinstance(rank, int):
+        # 32 = 8 x 4 in, 64 = 8 x 8 out: cores (9, R), (R, 8, 8, R), (R, 4, 8)
+        assert n == 9 * rank + rank * 8 * 8 * rank + rank * 4 * 8 + 64  # O(N R^2)
     assert dense_param_count(32, 64, 3) == count_parameters(nn.Conv2d(32, 64, 3))
+
+
+@pytest.mark.parametrize("channels,modes", [(48, (8, 6)), (64, (8, 8)), (32, (8, 4)), (3, (3, 1)), (12, (4, 3))])
+def test_ttm_channel_modes_are_the_most_balanced_factor_pair(channels, modes):
+    assert channel_modes(channels) == modes
+
+
+def test_ttm_kernel_is_a_sum_of_kronecker_products():
+    # 12 = 4 x 3 channels each side; at rank (1, 1) each spatial tap's channel matrix is k * (A kron B).
+    layer = TTConv2d(12, 12, 3, rank=1, layout="ttm").double()
+    k, g1, g2 = layer.cores
+    w = layer.full_kernel()
+    kron = torch.kron(g1[0, :, :, 0].t(), g2[0].t())  # (O, I): (s1 s2, c1 c2)
+    for tap in range(9):
+        assert torch.allclose(w[:, :, tap // 3, tap % 3], k[tap, 0] * kron)
+    assert torch.linalg.matrix_rank(kron) == 12  # full rank, unlike a rank-1 tt layer
+
+
+def test_ttm_beats_tt_on_channel_mixing_at_equal_rank():
+    # A kernel whose every tap mixes channels by a full-rank Kronecker product: ttm holds it at
+    # rank 1; tt at rank 4 cannot (its output lies in a 4-dim channel subspace).
+    a, b = torch.randn(8, 8, dtype=torch.double), torch.randn(6, 6, dtype=torch.double)
+    spatial = torch.randn(3, 3, dtype=torch.double)
+    conv = nn.Conv2d(48, 48, 3, padding=1).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.kron(a, b)[:, :, None, None] * spatial)
+    ttm_err = rel_err(TTConv2d.from_conv(conv, 1, "ttm").full_kernel(), conv.weight.detach())
+    tt_err = rel_err(TTConv2d.from_conv(conv, 4, "tt").full_kernel(), conv.weight.detach())
+    assert ttm_err < 1e-10 and tt_err > 0.5
 
 
 def test_tt_init_matches_dense_init_scale():
