@@ -11,11 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, not installed
 
 from tendiff import checkpoints as ckpt
+from tendiff.adaptive import AdaptiveTStar, purify_adaptive
 from tendiff.classifiers import predict
 from tendiff.data import DATASETS, load_dataset
 from tendiff.diffusion import GaussianDiffusion, purify_chunks
@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--t-star", type=int, nargs="+", default=[50, 100, 150, 200])
     p.add_argument("--purifiers", nargs="+", default=["dense", "tt-r2"])
+    p.add_argument("--adaptive", type=float, nargs="*", default=[],
+                   help="also the input-adaptive t* (tendiff.adaptive) with each of these factors")
     p.add_argument("--n", type=int, default=500, help="held-out images")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0, help="the seed of evaluate's image order")
@@ -56,6 +58,12 @@ def main() -> None:
                     for v in inputs.values()]
             print(f"| {name} | {t_star} | " + " | ".join(f"{100 * a:.1f}" for a in accs)
                   + f" | {100 * sum(accs) / 3:.1f} |", flush=True)
+        for factor in args.adaptive:
+            rule = AdaptiveTStar(factor=factor)
+            runs = [purify_adaptive(model, diffusion, v, rule, args.seed, num_steps=args.steps) for v in inputs.values()]
+            accs = [accuracy(out) for out, _ in runs]
+            print(f"| {name} | adaptive x{factor:g} (median t* " + "/".join(str(int(t.median())) for _, t in runs)
+                  + ") | " + " | ".join(f"{100 * a:.1f}" for a in accs) + f" | {100 * sum(accs) / 3:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

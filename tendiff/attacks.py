@@ -1,18 +1,21 @@
 """Corruptions and attacks, all in [0, 1] pixel space.
 
 Random corruptions (Gaussian, salt-and-pepper) and attacks on the *bare classifier* through
-torchattacks (PGD L-inf, PGD L2, AutoAttack L2, the authors' attack). Attacks on the bare
+torchattacks (PGD L-inf, PGD L2, AutoAttack L2: the authors' attack). Attacks on the bare
 classifier are *transfer* attacks against a purification defense: the attacker never sees the
-purifier. :func:`pgd_eot_ddim_surrogate` is the *adaptive* attack: PGD with expectation over
-transformation (EOT) whose gradients go through a few-step DDIM surrogate of the purifier.
+purifier. :func:`pgd_eot_ddim_surrogate` is an *adaptive* attack whose gradients go through a
+few-step DDIM surrogate of the purifier; :func:`pgd_eot_exact` is the full adaptive attack: PGD
+with expectation over transformation (EOT) whose gradients go through the defended pipeline
+exactly as it runs (same sampler, same number of steps), checkpointed step by step.
 Every function takes and returns images in [0, 1]; the classifiers normalise internally.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .diffusion import GaussianDiffusion, purify_batch
+from .diffusion import METHODS, GaussianDiffusion, purify_batch
 
 def _check_range(name: str, value: float, lo: float, hi: float) -> float:
     value = float(value)
@@ -116,4 +119,147 @@ def pgd_eot_ddim_surrogate(classifier, purifier, diffusion: GaussianDiffusion, x
         with torch.no_grad():
             x_adv = x_adv + alpha * grad.sign()
             x_adv = (x + (x_adv - x).clamp(-eps, eps)).clamp(0, 1)
+    return x_adv.detach()
+
+
+# ------------------------------------------------------------ exact adaptive attack
+EOT_SEED_BASE = 1_000_003  # (a prime) keeps the attacker's purification seeds away from small defense seeds
+
+
+def eot_seeds(seed: int, it: int, eot: int) -> list[int]:
+    """The purification seeds of PGD step ``it``'s ``eot`` draws:
+    ``EOT_SEED_BASE * (seed + 1) + it * eot + j`` for j < eot: fresh noise for every draw of
+    every step, fixed by ``seed``, and never the defense's own small seeds (0, 1, ...)."""
+    return [EOT_SEED_BASE * (int(seed) + 1) + int(it) * int(eot) + j for j in range(int(eot))]
+
+
+def purify_differentiable(purifier, diffusion: GaussianDiffusion, x: torch.Tensor, t_star: int, num_steps: int = 10,
+                          method: str = "ddim", seed: int = 0, checkpoint: bool = True) -> torch.Tensor:
+    """:func:`tendiff.diffusion.purify_batch` (x in [0, 1] -> purified batch in [0, 1]) with
+    autograd on: the same timesteps, sampler and random stream (one CPU generator seeded with
+    ``seed`` draws the forward noise, then any ancestral noise step by step), so for a given
+    seed it computes exactly what the defense computes, and gradients flow back to ``x``.
+
+    ``checkpoint=True`` wraps each reverse step (network call and sampler update) in
+    :func:`torch.utils.checkpoint.checkpoint` (non-reentrant): only the step inputs are kept, and
+    each step's activations are recomputed in the backward pass, so memory does not grow with
+    the network's depth times ``num_steps``. A step that draws noise (DDPM) gets its own
+    generator restored from the stream's state before the step, so the recomputation draws the
+    same noise.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if method == "one-step":
+        num_steps = 1
+    ts = diffusion.timesteps(t_star, num_steps)
+    generator = torch.Generator().manual_seed(int(seed))
+    with torch.enable_grad():
+        x0 = x * 2 - 1
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)  # as purify draws it
+        x_t = diffusion.q_sample(x0, ts[0], noise)
+        for t, s in zip(ts[:-1], ts[1:]):
+            state = generator.get_state()
+            after = {}
+
+            def reverse_step(x_t, t=t, s=s, state=state, after=after):
+                g = torch.Generator()
+                g.set_state(state)
+                eps = diffusion.predict_eps(purifier, x_t, t)
+                out = diffusion.step(eps, t, s, x_t, method, 0.0, g)
+                after["state"] = g.get_state()
+                return out.prev_sample
+
+            if checkpoint:
+                x_t = _checkpoint(reverse_step, x_t, use_reentrant=False)
+            else:
+                x_t = reverse_step(x_t)
+            generator.set_state(after["state"])  # (the stream continues past this step's draws)
+        return (x_t + 1) / 2
+
+
+def defense_loss_grad(classifier, purifier, diffusion: GaussianDiffusion, x: torch.Tensor, y: torch.Tensor,
+                      t_star: int, num_steps: int, seeds, method: str = "ddim",
+                      checkpoint: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The EOT loss the exact attack ascends, and its gradient with respect to x:
+
+        L(x) = mean over s in ``seeds`` of  sum over the batch of CE(classifier(purify_s(x)), y)
+
+    where purify_s is the defended pipeline with purification seed s
+    (:func:`purify_differentiable`). The draws run one after the other (memory of one draw);
+    with fixed seeds L is a deterministic function of x. Returns (L, dL/dx), both detached.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("need at least one EOT seed")
+    x = x.detach().requires_grad_(True)
+    loss_sum, grad_sum = torch.zeros((), dtype=x.dtype, device=x.device), torch.zeros_like(x)
+    with torch.enable_grad():
+        for s in seeds:
+            purified = purify_differentiable(purifier, diffusion, x, t_star, num_steps, method, s, checkpoint)
+            loss = F.cross_entropy(classifier(purified), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x)
+            loss_sum += loss.detach()
+            grad_sum += grad
+    return loss_sum / len(seeds), grad_sum / len(seeds)
+
+
+def _l2_norms(v: torch.Tensor) -> torch.Tensor:
+    return v.flatten(1).norm(dim=1).reshape(-1, *([1] * (v.ndim - 1)))
+
+
+def pgd_eot_exact(classifier, purifier, diffusion: GaussianDiffusion, x, y, eps: float, t_star: int, steps: int = 10,
+                  eot: int = 4, num_steps: int = 10, method: str = "ddim", norm: str = "linf",
+                  alpha: float | None = None, seed: int = 0, checkpoint: bool = True,
+                  random_start: bool = True) -> torch.Tensor:
+    """Threat model: white-box adaptive, x' in the eps-ball (L-inf or L2) around x and in [0, 1]; knows every weight, t*, sampler and steps, not the defense's noise.
+
+    PGD (Madry et al. 2018) whose gradient goes through the defended pipeline exactly as it
+    runs: diffusion to t* with fresh noise, every reverse step of ``method`` with ``num_steps``
+    steps, then the classifier (:func:`defense_loss_grad`), averaged over ``eot`` independent
+    purification noises per PGD step (EOT, Athalye et al. 2018; seeds: :func:`eot_seeds`).
+    Steps: sign of the gradient (L-inf) or the gradient over its L2 norm per image (L2), of
+    size ``alpha`` (default 2.5 eps / steps), then projection onto the eps-ball and [0, 1].
+    Starts at a uniformly random point of the ball (``random_start``, seeded by ``seed``) or at
+    x. Deterministic for a fixed seed (on CPU). ``checkpoint`` bounds memory (see
+    :func:`purify_differentiable`). Cost per PGD step: ``eot`` purifications with backward,
+    about 3 eot num_steps network forwards (4 with checkpointing).
+    """
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    eps = _check_range("eps", eps, 0.0, 1.0 if norm == "linf" else 100.0)
+    steps, eot = int(steps), int(eot)
+    if steps < 0 or eot < 1:
+        raise ValueError(f"need steps >= 0 and eot >= 1, got steps={steps}, eot={eot}")
+    alpha = 2.5 * eps / max(steps, 1) if alpha is None else _check_range("alpha", alpha, 0.0, 100.0)
+    x = _check_images(x).detach()
+    classifier.eval()
+    purifier.eval()
+
+    def project(x_adv: torch.Tensor) -> torch.Tensor:
+        delta = x_adv - x
+        if norm == "linf":
+            delta = delta.clamp(-eps, eps)
+        else:
+            delta = delta * (eps / _l2_norms(delta).clamp_min(1e-12)).clamp(max=1.0)
+        return (x + delta).clamp(0, 1)
+
+    x_adv = x.clone()
+    if random_start and eps > 0:
+        g = torch.Generator().manual_seed(int(seed))
+        if norm == "linf":
+            delta = torch.rand(x.shape, generator=g, dtype=x.dtype) * 2 - 1
+        else:  # uniform in the L2 ball: a random direction, radius eps u^(1/d)
+            direction = torch.randn(x.shape, generator=g, dtype=x.dtype)
+            u = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), generator=g, dtype=x.dtype)
+            delta = direction / _l2_norms(direction) * u ** (1.0 / x[0].numel())
+        x_adv = project(x + eps * delta.to(x.device))
+    for it in range(steps):
+        _, grad = defense_loss_grad(classifier, purifier, diffusion, x_adv, y, t_star, num_steps,
+                                    eot_seeds(seed, it, eot), method, checkpoint)
+        with torch.no_grad():
+            if norm == "linf":
+                x_adv = x_adv + alpha * grad.sign()
+            else:
+                x_adv = x_adv + alpha * grad / _l2_norms(grad).clamp_min(1e-12)
+            x_adv = project(x_adv)
     return x_adv.detach()

@@ -280,7 +280,7 @@ def main(argv=None):
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist", "cifar10"])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3, 4])
-    p.add_argument("--layouts", nargs="+", default=["tt", "authors"])
+    p.add_argument("--layouts", nargs="+", default=["tt", "ttm", "authors"])
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--t-star", type=int, default=100)
     p.add_argument("--steps", type=int, default=10, help="reverse steps for the purification timing")

@@ -1,4 +1,4 @@
-"""The purification pipeline behind the Studio app and the evaluation command, free of any UI.
+"""The purification pipeline behind the Studio app, free of any UI.
 
 One :class:`Studio` object loads and caches (thread-safely) the classifier and the purifiers of
 each dataset from the committed checkpoints (:func:`tendiff.checkpoints.load_model`, local first,

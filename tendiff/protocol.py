@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from . import attacks
+from .adaptive import AdaptiveTStar
 
 DATASET_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
 
@@ -23,6 +24,10 @@ STRENGTH = {
 # Diffusion depth per dataset, chosen on held-out test images by scripts/sweep_t_star.py (the
 # rule and the numbers: docs/training.md).
 T_STAR = {"mnist": 200, "fashion_mnist": 250, "cifar10": 100}
+
+# The input-adaptive t* rule (tendiff.adaptive); its factor chosen on held-out images
+# (scripts/sweep_t_star.py --adaptive, docs/training.md).
+ADAPTIVE_T_STAR = AdaptiveTStar(factor=1.0)
 
 
 @dataclass(frozen=True)

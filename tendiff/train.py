@@ -186,7 +186,7 @@ def train(args: argparse.Namespace) -> dict:
     test_set = full_test.subset(1000)
     # The loss curve and the stopping rule read the *last* 1000 test images, so that neither
     # touches the first 1000 on which every accuracy is measured.
-    val_images = full_test.float_images(slice(len(full_test) - 1000, None))
+    val_images = full_test.float_images(slice(max(0, len(full_test) - 1000), None))
     images = train_set.images
     labels = train_set.labels
 

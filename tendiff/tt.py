@@ -1,9 +1,9 @@
 """Tensor-train (TT) convolutions.
 
 A 2-D convolution kernel W has four modes: output channels O, input channels I and the
-two spatial modes kh, kw. Two TT layouts are provided:
+two spatial modes kh, kw. Three TT layouts are provided:
 
-``tt`` (the layout behind the paper's O(N R^2) claim): one core per mode,
+``tt`` (one core per mode; O(N R + k R^2), each layer's output in an R3-dim channel subspace),
 
     W[o, i, a, b] = sum_{r1, r2, r3} U_in[i, r1] G_h[r1, a, r2] G_w[r2, b, r3] U_out[r3, o]
 

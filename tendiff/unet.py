@@ -10,7 +10,7 @@ to a full-width residual stream and never becomes a bottleneck of the signal pat
 parameter-free (2x2 average pooling down, nearest-neighbour up) and skips are *added*, so no
 channel-mixing convs are needed when the width is the same at every level (the presets); there
 is no attention; the time embedding is narrow (``time_dim``). Every 3x3 conv with at least
-``MIN_TT_CHANNELS`` channels on both sides is a TT conv when ``conv`` is ``tt`` or ``authors``;
+``MIN_TT_CHANNELS`` channels on both sides is a TT conv when ``conv`` is a TT layout (``tt``, ``ttm``, ``authors``);
 the 1-or-3-channel stem and head stay dense (a TT gains nothing there). Levels of different
 widths are joined by dense 1x1 convs.
 """
@@ -273,12 +273,71 @@ class UNet(nn.Module):
     def num_parameters(self) -> int:
         return count_parameters(self)
 
+    def macs(self, height: int | None = None, width: int | None = None) -> int:
+        """Multiply-accumulates of one forward of one image of ``height`` x ``width`` (default:
+        the config's ``image_size``), from the layers' own formulas, walking the resolution levels
+        the way :meth:`forward` does.
+
+        Counted: every conv, Ho Wo Cout Cin kh kw / groups for a dense one (however it is called:
+        module call, :func:`conv_with_extra_bias` or :func:`few_channel_conv`), and
+        :meth:`TTConv2d.macs` for a TT one on the path its ``mode`` takes in inference ("chain"
+        for the chain, "auto" by the layer's own MAC rule, "cached" and "rebuild" as the dense
+        kernel they convolve with); every Linear, in x out features (the time MLP once and each
+        block's ``time_proj`` once: the timestep is shared, as in purification). Not counted:
+        biases, GroupNorm, SiLU, the label embedding (a lookup), residual and skip additions,
+        pooling and upsampling.
+        """
+        cfg = self.config
+        height = cfg.image_size if height is None else int(height)
+        width = cfg.image_size if width is None else int(width)
+        scale = 2 ** (len(cfg.channels) - 1)
+        if height < 1 or width < 1 or height % scale or width % scale:
+            raise ValueError(f"{height}x{width} is not divisible by {scale} (one halving per extra level)")
+        sizes = [(height // 2 ** i, width // 2 ** i) for i in range(len(cfg.channels))]
+
+        def blocks_macs(blocks, size) -> int:
+            return sum(layer_macs(b.conv1, *size) + layer_macs(b.conv2, *size) for b in blocks)
+
+        total = layer_macs(self.time_mlp[0], 1, 1) + sum(layer_macs(b.time_proj, 1, 1) for b in self.blocks())
+        total += layer_macs(self.stem, *sizes[0])
+        for i, down in enumerate(self.down):
+            total += blocks_macs(self._level("enc", i), sizes[i])
+            total += layer_macs(down, *sizes[i + 1])  # (after the pooling)
+        total += blocks_macs(self._level("mid"), sizes[-1])
+        for i in reversed(range(len(self.up))):
+            total += layer_macs(self.up[i], *sizes[i])  # (after the upsampling)
+            total += blocks_macs(self._level("dec", i), sizes[i])
+        return total + layer_macs(self.head, *sizes[0])
+
     def use_channels_last(self, enabled: bool = True) -> "UNet":
         """Run the activations (and dense conv weights) channels-last. oneDNN's dense 3x3 convs
         are ~2.7x faster that way on CPU at batch 64, while TT chains and GroupNorm prefer NCHW;
         tendiff.bench measures both, and purification takes whichever the model is set to."""
         self.memory_format = torch.channels_last if enabled else torch.contiguous_format
         return self.to(memory_format=self.memory_format)
+
+
+def layer_macs(layer: nn.Module, height: int, width: int) -> int:
+    """Multiply-accumulates of one layer on one image whose input is ``height`` x ``width``
+    (ignored by a Linear, which counts in x out features): see :meth:`UNet.macs`."""
+    if isinstance(layer, nn.Identity):
+        return 0
+    if isinstance(layer, nn.Linear):
+        return layer.in_features * layer.out_features
+    if isinstance(layer, TTConv2d):
+        # The path a forward in inference would take, decided by the layer itself (a meta
+        # tensor carries the size without any data).
+        with torch.no_grad():
+            path = layer.resolve_mode(torch.empty(1, layer.in_channels, height, width, device="meta"))
+        return layer.macs(height, width, "chain" if path == "chain" else "dense")
+    if isinstance(layer, nn.Conv2d):
+        if isinstance(layer.padding, str):
+            raise ValueError("string padding is not supported")
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+        ho = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return ho * wo * layer.out_channels * (layer.in_channels // layer.groups) * kh * kw
+    raise TypeError(f"no MAC formula for {type(layer).__name__}")
 
 
 def unet_from_dense(dense: UNet, rank, layout: str = "tt", mode: str = "auto") -> UNet:

@@ -5,7 +5,7 @@ import torch
 
 from tendiff import checkpoints as ckpt
 from tendiff.data import dataset_available, load_dataset
-from tendiff.train import augment, main as train_main
+from tendiff.train import augment, converged, main as train_main
 
 
 @pytest.fixture
@@ -66,6 +66,31 @@ def test_train_classifier_then_purifier_then_tt_from_dense_and_resume(fake_cache
     manifest = json.loads((d / "manifest.json").read_text())["checkpoints"]
     assert manifest["mnist_dense.safetensors"]["steps"] == 6
     assert manifest["mnist_dense.safetensors"]["resumed_at_step"] == 4
+
+
+def test_convergence_rule_compares_the_best_loss_a_quarter_ago():
+    falling = [(s, 1.0 / s) for s in range(250, 4001, 250)]
+    flat = [(s, 0.1 - 1e-7 * s) for s in range(250, 4001, 250)]  # 0.1% better over the last quarter
+    assert not converged(falling, 0.01, 2000)
+    assert converged(flat, 0.01, 2000)
+    assert not converged(flat[:7], 0.01, 2000)  # (step 1750 < min_steps)
+    assert not converged([], 0.01, 0)
+    bumpy = flat[:-1] + [(4000, 0.5)]  # a worse last point does not undo the best so far
+    assert converged(bumpy, 0.01, 2000)
+
+
+def test_until_converged_stops_early_and_records_the_curve(fake_cache):
+    d = fake_cache / "ckpt"
+    # tol 1.0: any improvement under 100% counts as converged, so it stops at the first check (step 4).
+    train_main(["purifier", "--dataset", "mnist", "--steps", "50", "--batch-size", "8", "--until-converged",
+                "--eval-every", "2", "--min-steps", "4", "--converge-tol", "1.0", "--run-dir", str(fake_cache / "r")])
+    entry = json.loads((d / "manifest.json").read_text())["checkpoints"]["mnist_dense.safetensors"]
+    assert entry["steps"] == 4 and entry["converged"] is True and entry["schedule"] == "constant"
+    assert [s for s, _ in entry["heldout_curve"]] == [2, 4]
+    train_main(["purifier", "--dataset", "mnist", "--conv", "ttm", "--rank", "2", "--steps", "2", "--batch-size", "8",
+                "--init-from", str(d / "mnist_dense.safetensors"), "--run-dir", str(fake_cache / "t")])
+    ttm = ckpt.load_model("mnist_ttm-r2.safetensors")
+    assert ttm.config.conv == "ttm" and ttm.num_parameters() < entry["parameters"]
 
 
 @pytest.mark.skipif(not dataset_available("mnist"), reason="MNIST is not on this machine")
