@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tendiff.classical import CLASSICAL
 from tendiff.checkpoints import CheckpointIntegrityError, CheckpointNotFoundError
 from tendiff.data import CLASS_NAMES, DATASETS, IMAGE_SHAPE
 from tendiff.diffusion import METHODS
@@ -200,9 +201,9 @@ def label_dict(dataset: str, probs) -> dict[str, float]:
 
 
 def _specs(kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method=DEFAULT_METHOD,
-           steps=DEFAULT_STEPS):
+           steps=DEFAULT_STEPS, adaptive_t=False):
     corruption = CorruptionSpec(kind, sigma, p, eps, attack_steps, eot, surrogate)
-    spec = PurifySpec(model or DEFAULT_MODEL, t_star, steps, method, seed)
+    spec = PurifySpec(model or DEFAULT_MODEL, "auto" if adaptive_t else t_star, steps, method, seed)
     return corruption, spec
 
 
@@ -229,8 +230,9 @@ def noise_text(t_star) -> str:
 
 
 def model_choices(labels) -> list[tuple[str, str]]:
-    """Dropdown (shown, value) pairs: ranks beyond the paper's R <= 4 say so."""
-    return [(purifier_title(m), m) for m in labels]
+    """Dropdown (shown, value) pairs: diffusion purifiers (ranks beyond the paper's R <= 4 say
+    so), then the classical ones, marked as such."""
+    return [(f"classical: {m} ({CLASSICAL[m][1]})" if m in CLASSICAL else purifier_title(m), m) for m in labels]
 
 
 def threat_text(kind, eps=0.2, attack_steps=10, eot=1, surrogate=2) -> str:
@@ -275,9 +277,10 @@ def _plot_frame(frames) -> pd.DataFrame:
 
 @user_errors
 def purify(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star,
-           method, steps):
+           method, steps, adaptive_t=False):
     """Corrupt then purify, streaming x_t and the predicted clean image at every reverse step."""
-    corruption, spec = _specs(kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps)
+    corruption, spec = _specs(kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps,
+                              adaptive_t)
     y, corruption, spec = studio.validate_request(dataset, true_label, corruption, spec)
     x = _input(dataset, image).tensor
     skip = gr.skip()
@@ -309,9 +312,12 @@ def purify(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, s
             gif.write_bytes(gif_bytes(result.frames))
             for old in sorted(_tmp.glob("*.gif"), key=lambda f: f.stat().st_mtime)[:-MAX_GIFS]:
                 old.unlink(missing_ok=True)
-        summary = (f"Done: {spec.steps} {spec.method} step(s) from t* = {spec.t_star} with {spec.model} in "
-                   f"{result.seconds:.2f} s{' (cached)' if cached else ''}. "
-                   f"Purified prediction: {topk(dataset, result.probs_purified, 1)[0][0]}.")
+        done = result.spec
+        how = (f"one pass of the classical {done.model} filter" if done.model in CLASSICAL else
+               f"{done.steps} {done.method} step(s) from t* = {done.t_star} with {done.model}")
+        summary = (f"Done: {how} in {result.seconds:.2f} s{' (cached)' if cached else ''}. "
+                   f"Purified prediction: {topk(dataset, result.probs_purified, 1)[0][0]}."
+                   + (f"  \n{result.t_star_note}" if result.t_star_note else ""))
         yield (show(frame.x_t, "x_t"), show(frame.pred_x0, "purified"), summary, show(corrupted.tensor, "corrupted"),
                clean_probs, corrupted_probs,
                label_dict(dataset, result.probs_purified), _plot_frame(result.frames),
@@ -320,9 +326,10 @@ def purify(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, s
 
 @user_errors
 def compare(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star,
-            method, steps):
-    """The same input, corruption and seed through dense and every TT rank."""
-    corruption, spec = _specs(kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps)
+            method, steps, adaptive_t=False):
+    """The same input, corruption and seed through every available purifier."""
+    corruption, spec = _specs(kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps,
+                              adaptive_t)
     x = _input(dataset, image).tensor
     columns = ["model", "prediction", "confidence", "true-class confidence", "parameters", "compression", "seconds"]
     for rows in studio.compare(dataset, x, true_label, corruption, spec):
@@ -331,10 +338,11 @@ def compare(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, 
             if not r.available:
                 table.append([r.model, r.note, None, None, None, None, None])
                 continue
-            gallery.append((show(r.image, r.model), f"{r.model}: {r.prediction} ({r.confidence:.0%}), {r.compression:.0f}x"))
+            size = "classical" if not r.parameters else f"{r.compression:.0f}x"
+            gallery.append((show(r.image, r.model), f"{r.model}: {r.prediction} ({r.confidence:.0%}), {size}"))
             table.append([r.model, r.prediction, round(r.confidence, 3), round(r.true_confidence, 3), r.parameters,
-                          round(r.compression, 2), round(r.seconds, 3)])
-        status = f"{len(rows)} model(s) done; the same corrupted input and seed {spec.seed} for every one."
+                          round(r.compression, 2) if r.parameters else None, round(r.seconds, 3)])
+        status = f"{len(rows)} purifier(s) done; the same corrupted input and seed {spec.seed} for every one."
         yield gallery, pd.DataFrame(table, columns=columns), status
 
 
@@ -485,7 +493,7 @@ def guidance(dataset, image, true_label, t_star, seed):
 def dataset_changed(dataset):
     check_dataset(dataset)
     ex = examples(dataset)
-    models = studio.available_models(dataset)
+    models = studio.available_purifiers(dataset)
     model = DEFAULT_MODEL if DEFAULT_MODEL in models else (models[0] if models else None)
     first = ex[0][0] if ex else None
     cleared = (None,) * 10  # the previous dataset's results
@@ -517,7 +525,7 @@ def build_demo() -> gr.Blocks:
     default_ds = "mnist"
     ex = examples(default_ds)
     default_image = str(ASSETS / DEFAULT_EXAMPLE)
-    models = studio.available_models(default_ds)
+    models = studio.available_purifiers(default_ds)
     heavy = dict(concurrency_id="heavy", concurrency_limit=HEAVY_CONCURRENCY, time_limit=600)
     with gr.Blocks(title="TendiffPure Studio", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# TendiffPure Studio\nDiffusion purification with tensor-train compressed U-Nets: corrupt an "
@@ -576,6 +584,8 @@ def build_demo() -> gr.Blocks:
                                             label="Purifier (dense; TT layouts tt, ttm, authors)", elem_id="model")
                         t_star = gr.Slider(1, studio.num_timesteps, DEFAULT_T_STAR, step=1, label="t* (diffusion depth)",
                                            elem_id="t-star")
+                        adaptive_t = gr.Checkbox(False, label="Adaptive t*: choose t* from the input's estimated noise",
+                                                 elem_id="adaptive-t")
                         t_text = gr.Markdown(noise_text(DEFAULT_T_STAR))
                         method = gr.Radio(list(METHODS), value=DEFAULT_METHOD, label="Sampler", elem_id="method")
                         steps = gr.Slider(1, studio.limits.max_reverse_steps, DEFAULT_STEPS, step=1,
@@ -685,10 +695,10 @@ def build_demo() -> gr.Blocks:
         corrupt_ev = corrupt_btn.click(corrupt, run_inputs, [corrupted, lab_clean, lab_corrupt, threat],
                                        api_name="corrupt", show_progress="minimal", **heavy)
         purify_ev = purify_btn.click(
-            purify, run_inputs + [method, steps],
+            purify, run_inputs + [method, steps, adaptive_t],
             [x_t, x0, progress, corrupted, lab_clean, lab_corrupt, lab_pure, plot, strip, gif],
             api_name="purify", show_progress="hidden", **heavy)
-        compare_ev = compare_btn.click(compare, run_inputs + [method, steps],
+        compare_ev = compare_btn.click(compare, run_inputs + [method, steps, adaptive_t],
                                        [compare_gallery, compare_table, compare_status], api_name="compare",
                                        show_progress="minimal", **heavy)
         learn_ev = learn_btn.click(learn_layer, [dataset, learn_model, learn_layer_dd],

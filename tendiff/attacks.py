@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .diffusion import METHODS, GaussianDiffusion, purify_batch
+from .diffusion import GaussianDiffusion, purify_batch
 
 def _check_range(name: str, value: float, lo: float, hi: float) -> float:
     value = float(value)
@@ -135,46 +134,13 @@ def eot_seeds(seed: int, it: int, eot: int) -> list[int]:
 
 def purify_differentiable(purifier, diffusion: GaussianDiffusion, x: torch.Tensor, t_star: int, num_steps: int = 10,
                           method: str = "ddim", seed: int = 0, checkpoint: bool = True) -> torch.Tensor:
-    """:func:`tendiff.diffusion.purify_batch` (x in [0, 1] -> purified batch in [0, 1]) with
-    autograd on: the same timesteps, sampler and random stream (one CPU generator seeded with
-    ``seed`` draws the forward noise, then any ancestral noise step by step), so for a given
-    seed it computes exactly what the defense computes, and gradients flow back to ``x``.
-
-    ``checkpoint=True`` wraps each reverse step (network call and sampler update) in
-    :func:`torch.utils.checkpoint.checkpoint` (non-reentrant): only the step inputs are kept, and
-    each step's activations are recomputed in the backward pass, so memory does not grow with
-    the network's depth times ``num_steps``. A step that draws noise (DDPM) gets its own
-    generator restored from the stream's state before the step, so the recomputation draws the
-    same noise.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    if method == "one-step":
-        num_steps = 1
-    ts = diffusion.timesteps(t_star, num_steps)
-    generator = torch.Generator().manual_seed(int(seed))
+    """:func:`tendiff.diffusion.purify_batch` with autograd on: the same timesteps, sampler and
+    random stream, so for a given seed it computes exactly what the defense computes, and
+    gradients flow back to ``x``; ``checkpoint`` recomputes each reverse step in the backward
+    pass (memory of one step)."""
     with torch.enable_grad():
-        x0 = x * 2 - 1
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)  # as purify draws it
-        x_t = diffusion.q_sample(x0, ts[0], noise)
-        for t, s in zip(ts[:-1], ts[1:]):
-            state = generator.get_state()
-            after = {}
-
-            def reverse_step(x_t, t=t, s=s, state=state, after=after):
-                g = torch.Generator()
-                g.set_state(state)
-                eps = diffusion.predict_eps(purifier, x_t, t)
-                out = diffusion.step(eps, t, s, x_t, method, 0.0, g)
-                after["state"] = g.get_state()
-                return out.prev_sample
-
-            if checkpoint:
-                x_t = _checkpoint(reverse_step, x_t, use_reentrant=False)
-            else:
-                x_t = reverse_step(x_t)
-            generator.set_state(after["state"])  # (the stream continues past this step's draws)
-        return (x_t + 1) / 2
+        return purify_batch(purifier, diffusion, x, t_star, num_steps=num_steps, method=method, seed=seed,
+                            grad=True, checkpoint=checkpoint)
 
 
 def defense_loss_grad(classifier, purifier, diffusion: GaussianDiffusion, x: torch.Tensor, y: torch.Tensor,
@@ -263,3 +229,42 @@ def pgd_eot_exact(classifier, purifier, diffusion: GaussianDiffusion, x, y, eps:
                 x_adv = x_adv + alpha * grad / _l2_norms(grad).clamp_min(1e-12)
             x_adv = project(x_adv)
     return x_adv.detach()
+
+
+# ------------------------------------------------------------ BPDA
+def pgd_linf_from_grad(x, grad_fn, eps: float, steps: int, alpha: float | None = None, seed: int = 0) -> torch.Tensor:
+    """PGD L-inf driven by ``grad_fn(x_adv, it)`` (the gradient of the loss to ascend at PGD step
+    ``it``): a uniformly random start in the eps-ball (seeded by ``seed``), then ``steps`` signed
+    steps of size ``alpha`` (default 2.5 eps / steps), each projected onto the ball and [0, 1]."""
+    eps = _check_range("eps", eps, 0.0, 1.0)
+    alpha = 2.5 * eps / max(int(steps), 1) if alpha is None else _check_range("alpha", alpha, 0.0, 1.0)
+    x = _check_images(x).detach()
+    g = torch.Generator().manual_seed(int(seed))
+    x_adv = (x + eps * (torch.rand(x.shape, generator=g, dtype=x.dtype) * 2 - 1).to(x.device)).clamp(0, 1)
+    for it in range(int(steps)):
+        grad = grad_fn(x_adv, it)
+        with torch.no_grad():
+            x_adv = (x + (x_adv + alpha * grad.sign() - x).clamp(-eps, eps)).clamp(0, 1)
+    return x_adv.detach()
+
+
+def pgd_bpda(classifier, purify_fn, x, y, eps: float, steps: int, alpha: float | None = None,
+             seed: int = 0) -> torch.Tensor:
+    """Threat model: white-box adaptive against a deterministic, non-differentiable purifier
+    ``purify_fn`` (batch in [0, 1] -> batch in [0, 1]), x' in the L-inf eps-ball around x.
+
+    BPDA (Backward Pass Differentiable Approximation, Athalye, Carlini & Wagner 2018): the
+    forward pass goes through the real purifier, the backward pass treats it as the identity, so
+    each PGD step ascends the classifier's cross-entropy gradient taken at the purified input
+    (:func:`pgd_linf_from_grad`). With the identity as ``purify_fn`` it is plain white-box PGD.
+    Cost per PGD step: one purification and one classifier forward/backward.
+    """
+    classifier.eval()
+
+    def grad(x_adv, it):
+        purified = purify_fn(x_adv).detach().clone().requires_grad_(True)  # (clone: a plain tensor)
+        with torch.enable_grad():
+            loss = F.cross_entropy(classifier(purified), y, reduction="sum")
+            return torch.autograd.grad(loss, purified)[0]
+
+    return pgd_linf_from_grad(x, grad, eps, steps, alpha, seed)

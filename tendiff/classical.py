@@ -247,3 +247,14 @@ def purify(name: str, x: torch.Tensor, **params) -> torch.Tensor:
     if name not in CLASSICAL:
         raise ValueError(f"unknown classical purifier {name!r}; choose one of {', '.join(CLASSICAL)}")
     return CLASSICAL[name][0](x, **params)
+
+
+def available(name: str) -> bool:
+    """Whether the classical purifier ``name`` can run here (BM3D needs the optional package)."""
+    if name != "bm3d":
+        return name in CLASSICAL
+    try:
+        import bm3d  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -17,6 +17,7 @@ from functools import cached_property
 from typing import Iterator
 
 import torch
+import torch.utils.checkpoint
 
 METHODS = ("ddpm", "ddim", "one-step")
 
@@ -191,9 +192,32 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
+def _reverse_step(diffusion: GaussianDiffusion, model, x_t, t, s, method, eta, generator, label, guidance_scale,
+                  checkpoint: bool) -> StepOutput:
+    """One network call and sampler update. ``checkpoint`` recomputes it in the backward pass
+    instead of keeping its activations; the recomputation restores the generator's state so
+    that an ancestral (DDPM) step draws the same noise again."""
+    if not checkpoint:
+        eps = diffusion.predict_eps(model, x_t, t, label, guidance_scale)
+        return diffusion.step(eps, t, s, x_t, method, eta, generator)
+    state, after = generator.get_state(), {}
+
+    def run(x_t):
+        g = torch.Generator()
+        g.set_state(state)
+        out = diffusion.step(diffusion.predict_eps(model, x_t, t, label, guidance_scale), t, s, x_t, method, eta, g)
+        after["state"] = g.get_state()
+        return out.prev_sample, out.pred_x0
+
+    prev, pred = torch.utils.checkpoint.checkpoint(run, x_t, use_reentrant=False)
+    generator.set_state(after["state"])  # (the stream continues past this step's draws)
+    return StepOutput(prev, pred)
+
+
 def purify(model, diffusion: GaussianDiffusion, images: torch.Tensor, t_star: int, num_steps: int = 10,
            method: str = "ddim", seed: int = 0, label: torch.Tensor | None = None,
-           guidance_scale: float = 0.0, eta: float = 0.0, grad: bool = False) -> Iterator[PurifyStep]:
+           guidance_scale: float = 0.0, eta: float = 0.0, grad: bool = False,
+           checkpoint: bool = False) -> Iterator[PurifyStep]:
     """Diffuse ``images`` (B, C, H, W in [0, 1]) to ``t_star`` and denoise back, yielding each step.
 
     Yields ``num_steps + 1`` :class:`PurifyStep` frames: the diffused input (index 0) and the
@@ -201,7 +225,8 @@ def purify(model, diffusion: GaussianDiffusion, images: torch.Tensor, t_star: in
     ``method="one-step"`` returns the model's x_0 prediction at t* (one network call).
     ``label`` with ``guidance_scale`` > 0 applies classifier-free guidance towards that label,
     which leaks it when it is the true label (the authors' setting; never a fair defense).
-    ``grad=True`` keeps the graph, for attacks that differentiate through purification.
+    ``grad=True`` keeps the graph, for attacks that differentiate through purification, and
+    ``checkpoint=True`` then keeps only each step's input (memory of one step, not num_steps).
     ``seed`` fixes both the forward noise and any ancestral noise.
     """
     if method not in METHODS:
@@ -215,8 +240,8 @@ def purify(model, diffusion: GaussianDiffusion, images: torch.Tensor, t_star: in
         x_t = diffusion.q_sample(x0, ts[0], _randn_like(x0, generator))
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
         with torch.inference_mode(not grad):
-            eps = diffusion.predict_eps(model, x_t, t, label, guidance_scale)
-            out = diffusion.step(eps, t, s, x_t, method, eta, generator)
+            out = _reverse_step(diffusion, model, x_t, t, s, method, eta, generator, label, guidance_scale,
+                                checkpoint and grad)
         yield PurifyStep(i, num_steps, t, x_t, out.pred_x0)
         x_t = out.prev_sample
     yield PurifyStep(num_steps, num_steps, 0, x_t, x_t)

@@ -1,17 +1,24 @@
 """Evaluation: ``python -m tendiff.evaluate --help``.
 
-Runs the matrix corruption x purifier on a fixed, seeded subset of a test split and writes
+Runs the matrix corruption x defense on a fixed, seeded subset of a test split and writes
 ``results.json``, ``results.csv``, ``results.md`` and figures to ``--out``.
+
+Defenses (:class:`Defense`, by name): ``none``; a diffusion checkpoint label (``dense``, ``tt-r2``,
+``ttm-r4``, ``authors-r3``) and its variants ``<label>/one-step``, ``<label>/adaptive-t`` (t* per
+image, :mod:`tendiff.adaptive`), ``<label>/vote<K>`` (majority vote over K purifications,
+:mod:`tendiff.defense`), ``dense-cond/guided`` (guidance with the true label: leaks it, no
+defense); and every classical purifier by its registry name (``median3``, ``tucker``, ...).
 
 Threat models are written next to every column: *transfer* attacks are crafted on the bare
 classifier and never see the purifier, so their numbers are not robustness against an attacker
-who knows the defense; the *adaptive* column attacks classifier-and-purifier together (PGD+EOT
-with real gradients through a few-step DDIM surrogate of the purifier).
+who knows the defense; the *adaptive* column attacks through a few-step DDIM surrogate of the
+purifier; the *exact* column is PGD+EOT with the exact gradient through the defense as it runs
+(BPDA through a classical purifier).
 
-Per cell: accuracy (mean over ``--seeds`` purification seeds) with a 95% Wilson interval,
-worst-of-seeds accuracy (an image counts only if every seed classifies it correctly), and
-PSNR / SSIM of the purified image to the clean one. Per purifier: parameters, size on disk,
-MACs per forward and measured seconds per image at batch 1 and 64.
+Per cell: accuracy (mean over ``--seeds`` purification runs) with a 95% Wilson interval,
+worst-of-seeds accuracy (an image counts only if every run classifies it correctly: an attacker
+who may resubmit), PSNR / SSIM of the purified image to the clean one and the wall time. Per
+defense: parameters, size on disk, MACs per forward, forwards and seconds per image.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import csv
 import json
 import math
 import platform
+import re
 import shlex
 import sys
 import time
@@ -30,18 +38,27 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import attacks
+from . import attacks, classical
 from . import checkpoints as ckpt
-from .classifiers import predict
-from .data import DATASETS, load_dataset
-from .diffusion import GaussianDiffusion, purify_batch, purify_chunks
 from .adaptive import purify_adaptive
+from .classical import CLASSICAL
+from .classifiers import predict as class_probabilities
+from .data import DATASETS, load_dataset
+from .defense import resubmission_accuracy, vote, vote_seeds
+from .diffusion import GaussianDiffusion, purify_chunks
 from .protocol import ADAPTIVE_T_STAR, CORRUPTIONS as PROTOCOL, LADDER, STRENGTH, T_STAR, corrupt
 from .runtime import tune_allocator
 
-CORRUPTIONS = ("none", "gaussian", "salt_pepper", "pgd_linf", "autoattack_l2", "adaptive")
-PURIFIERS = ("none", "dense", "dense/adaptive-t", *LADDER, "tt-r2/one-step", "dense-cond/guided")
-ATTACKS = ("pgd_linf", "autoattack_l2", "adaptive")
+CORRUPTIONS = ("none", "gaussian", "salt_pepper", "pgd_linf", "autoattack_l2", "adaptive", "exact")
+PURIFIERS = ("none", "dense", "dense/adaptive-t", "dense/vote8", *LADDER, "tt-r2/one-step", "dense-cond/guided",
+             *CLASSICAL)
+ATTACKS = ("pgd_linf", "autoattack_l2", "adaptive", "exact")
+PER_DEFENSE = ("adaptive", "exact")  # attacks crafted against each defense; the others are shared by all
+COLUMN_GROUPS = (("Clean input and random noise", ("none", "gaussian", "salt_pepper")),
+                 ("Transfer attacks", ("pgd_linf", "autoattack_l2")),
+                 ("Adaptive attacks", ("adaptive", "exact")))
+CLASSICAL_HEADING = "Classical purifiers (training-free, deterministic)"
+CLASSICAL_TIMING_IMAGES = 8  # classical purifiers loop over images: a few show the per-image time
 
 
 @dataclass
@@ -49,7 +66,7 @@ class EvalConfig:
     dataset: str = "mnist"
     n: int = 1000  # images for clean / noise columns
     n_attack: int = 200  # images for attack columns
-    seeds: int = 3  # purification seeds per cell
+    seeds: int = 3  # purification runs per image and cell (resubmission)
     t_star: int = 200
     steps: int = 10
     method: str = "ddim"
@@ -58,6 +75,8 @@ class EvalConfig:
     adaptive_steps: int = 20
     adaptive_eot: int = 4
     surrogate_steps: int = 2
+    exact_steps: int = 20
+    exact_eot: int = 4
     autoattack_version: str = "standard"
     corruptions: tuple = CORRUPTIONS
     purifiers: tuple = PURIFIERS
@@ -102,38 +121,172 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, window: int = 7, sigma: float = 1.5
     return s.flatten(1).mean(1)
 
 
-# --------------------------------------------------------------- models
-@dataclass
-class Purifier:
+# --------------------------------------------------------------- defenses
+def timed(fn, *args):
+    """(fn(*args), its wall time in seconds)."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def _tile(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n rows of t repeated as often as needed (timing batches larger than the subset)."""
+    return t.repeat(-(-n // len(t)), *[1] * (t.ndim - 1))[:n]
+
+
+@dataclass(eq=False)
+class Defense:
+    """A defense as the evaluation runs it: ``purify(x, seed)`` (batch in [0, 1] -> batch in [0, 1])
+    and ``predict(classifier, x, seed)`` (labels; a vote defense predicts by majority vote)."""
     name: str
-    model: torch.nn.Module | None
-    file: str | None
-    method: str
-    guided: bool = False
+    kind: str  # "none", "diffusion" or "classical"
+    model: torch.nn.Module | None = None  # diffusion: the denoiser
+    file: str | None = None  # diffusion: its checkpoint file
+    diffusion: GaussianDiffusion | None = None
+    t_star: int = 0
+    steps: int = 10
+    method: str = "ddim"
+    chunk: int = 250
+    votes: int = 1  # K: majority vote over K purifications with seeds defense.vote_seeds(seed, K)
     adaptive_t: bool = False  # t* per image from its estimated noise (tendiff.adaptive)
+    guide_labels: torch.Tensor | None = None  # guidance towards the true labels: leaks them, no defense
+    guidance_scale: float = 0.0
 
     @property
     def stochastic(self) -> bool:
-        return self.model is not None
+        return self.kind == "diffusion"
+
+    @property
+    def differentiable(self) -> bool:
+        """Whether attacks.purify_differentiable computes it (it has no guidance); else BPDA."""
+        return self.kind == "diffusion" and self.guide_labels is None
+
+    @property
+    def parameters(self) -> int:
+        return 0 if self.model is None else sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def forwards_per_purification(self) -> int:
+        if self.kind != "diffusion":
+            return 0
+        # guidance runs the model on a conditional and an unconditional copy of the batch
+        return (1 if self.method == "one-step" else self.steps) * (2 if self.guide_labels is not None else 1)
+
+    @property
+    def forwards_per_image(self) -> int:
+        return self.forwards_per_purification * self.votes
+
+    @property
+    def attack_key(self) -> tuple:
+        """Defenses with one key face the same per-defense attack (a vote: that of what it repeats)."""
+        if self.kind != "diffusion":
+            return (self.name,)
+        return self.file, self.method, self.adaptive_t, self.guide_labels is not None
+
+    def purify(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        if self.kind == "none":
+            return x
+        if self.kind == "classical":
+            return classical.purify(self.name, x)
+        if self.adaptive_t:
+            return purify_adaptive(self.model, self.diffusion, x, ADAPTIVE_T_STAR, seed, self.chunk,
+                                   num_steps=self.steps, method=self.method)[0]
+        labels = None if self.guide_labels is None else _tile(self.guide_labels, len(x))
+        return purify_chunks(self.model, self.diffusion, x, self.t_star, seed, self.chunk, labels,
+                             num_steps=self.steps, method=self.method, guidance_scale=self.guidance_scale)
+
+    def run(self, classifier, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the purification with ``seed``, the defense's labels: the vote over its K purifications)."""
+        first, predictions = None, []
+        with torch.inference_mode():
+            for s in vote_seeds(seed, self.votes):  # K = 1: just seed
+                purified = self.purify(x, s)
+                first = purified if first is None else first
+                probs = class_probabilities(classifier, purified)
+                predictions.append(probs.argmax(1))
+        return first, vote(torch.stack(predictions), probs.shape[1])[0]
+
+    def predict(self, classifier, x: torch.Tensor, seed: int) -> torch.Tensor:
+        return self.run(classifier, x, seed)[1]
+
+    def unsupported(self, corruption: str) -> str | None:
+        """Why this defense has no cell in the column ``corruption`` (None: it has one)."""
+        if corruption == "adaptive" and self.kind == "classical":
+            return "no diffusion model to make a surrogate of; the exact column attacks it by BPDA"
+        if corruption == "adaptive" and self.adaptive_t:
+            return "the surrogate has one fixed t*; the exact column goes through the t* the defense picks"
+        if corruption == "exact" and self.guide_labels is not None:
+            return "no exact gradient through guidance is built, and true-label guidance is no defense"
+        return None
+
+    def threat(self, corruption: str) -> str:
+        """The protocol's kind of attack this defense meets in the column: BPDA where not differentiable."""
+        return "bpda" if corruption == "exact" and not self.differentiable else corruption
+
+    def exact_attack(self, classifier, x, y, eps: float, steps: int, eot: int, seed: int) -> torch.Tensor:
+        """PGD L-inf through the defense as it runs: exact gradient and EOT, or BPDA (none: plain PGD)."""
+        if not self.differentiable:
+            return attacks.pgd_bpda(classifier, lambda v: self.purify(v, 0), x, y, eps, steps, seed=seed)
+        if self.adaptive_t:
+            return attacks.pgd_linf_from_grad(x, self._grad_at_chosen_t(classifier, y, eot, seed), eps, steps,
+                                              seed=seed)
+        return attacks.pgd_eot_exact(classifier, self.model, self.diffusion, x, y, eps, self.t_star, steps, eot,
+                                     self.steps, self.method, seed=seed)
+
+    def _grad_at_chosen_t(self, classifier, y, eot: int, seed: int):
+        """The EOT gradient through the purification at the t* the defense picks for the current
+        input; the choice is piecewise constant in x, so no gradient flows through it."""
+        def grad(x_adv, it):
+            t_stars = ADAPTIVE_T_STAR.choose(x_adv, self.diffusion)
+            out = torch.zeros_like(x_adv)
+            for t in t_stars.unique().tolist():
+                idx = (t_stars == t).nonzero().flatten()
+                out[idx] = attacks.defense_loss_grad(classifier, self.model, self.diffusion, x_adv[idx], y[idx], t,
+                                                     self.steps, attacks.eot_seeds(seed, it, eot), self.method)[1]
+            return out
+        return grad
 
 
-def load_purifiers(dataset: str, names, method: str) -> tuple[list[Purifier], list[str]]:
-    """The purifiers whose checkpoints exist; the names of those that do not."""
-    out, missing = [], []
-    for name in names:
-        if name == "none":
-            out.append(Purifier("none", None, None, method))
-            continue
-        base, _, variant = name.partition("/")
-        file = ckpt.checkpoint_name(dataset, base)
+VARIANT = re.compile(r"one-step|adaptive-t|guided|vote(\d+)")
+
+
+def make_defense(name: str, cfg: EvalConfig, diffusion: GaussianDiffusion, labels: torch.Tensor,
+                 models: dict) -> Defense | None:
+    """The defense called ``name`` (see the module docstring); None when a classical purifier's
+    library is missing. Raises CheckpointNotFoundError when a diffusion checkpoint is."""
+    if name == "none":
+        return Defense("none", "none")
+    if name in CLASSICAL:
+        return Defense(name, "classical") if classical.available(name) else None
+    base, _, variant = name.partition("/")
+    match = VARIANT.fullmatch(variant)
+    if variant and match is None:
+        raise ValueError(f"unknown variant {variant!r} of {name!r}: one-step, adaptive-t, guided or vote<K>")
+    file = ckpt.checkpoint_name(cfg.dataset, base)
+    if file not in models:  # the variants of one checkpoint share its model
+        models[file] = ckpt.load_model(file)
+    guided = variant == "guided"
+    return Defense(name, "diffusion", models[file], file, diffusion, cfg.t_star, cfg.steps,
+                   "one-step" if variant == "one-step" else cfg.method, cfg.batch_size,
+                   votes=int(match[1]) if match and match[1] else 1, adaptive_t=variant == "adaptive-t",
+                   guide_labels=labels if guided else None, guidance_scale=cfg.guidance_scale if guided else 0.0)
+
+
+def load_defenses(cfg: EvalConfig, diffusion: GaussianDiffusion, labels: torch.Tensor
+                  ) -> tuple[list[Defense], list[str]]:
+    """The defenses named in cfg.purifiers that can run here; the names of the others (checkpoint
+    or library missing)."""
+    defenses, missing, models = [], [], {}
+    for name in cfg.purifiers:
         try:
-            model = ckpt.load_model(file)
+            defense = make_defense(name, cfg, diffusion, labels, models)
         except ckpt.CheckpointNotFoundError:
+            defense = None
+        if defense is None:
             missing.append(name)
-            continue
-        out.append(Purifier(name, model, file, "one-step" if variant == "one-step" else method,
-                            guided=variant == "guided", adaptive_t=variant == "adaptive-t"))
-    return out, missing
+        else:
+            defenses.append(defense)
+    return defenses, missing
 
 
 # --------------------------------------------------------------- evaluation
@@ -150,145 +303,146 @@ class Evaluation:
         self.strength = {**STRENGTH[cfg.dataset], **cfg.strength}
         self.diffusion = GaussianDiffusion()
         self.classifier = ckpt.load_model(ckpt.checkpoint_name(cfg.dataset, "classifier"))
-        self.purifiers, self.missing = load_purifiers(cfg.dataset, cfg.purifiers, cfg.method)
         test = load_dataset(cfg.dataset, "test")
         order = evaluation_order(len(test), cfg.seed)
         n_max = max(cfg.n, cfg.n_attack)
         self.images = test.float_images(order[:n_max])
         self.labels = test.labels[order[:n_max]]
+        self.defenses, self.missing = load_defenses(cfg, self.diffusion, self.labels)
+        self.attacks: dict[tuple, tuple[torch.Tensor, float]] = {}  # per-defense attacks, by attack_key
 
     def n_for(self, corruption: str) -> int:
         return self.cfg.n_attack if corruption in ATTACKS else self.cfg.n
 
     # -- corruptions
-    def corrupt(self, corruption: str, purifier: Purifier | None = None) -> torch.Tensor:
+    def corrupt(self, corruption: str, defense: Defense | None = None) -> torch.Tensor:
+        """The corrupted images of a column (crafted against ``defense`` in the PER_DEFENSE columns)."""
         n = self.n_for(corruption)
         x, y = self.images[:n], self.labels[:n]
-        s, seed = self.strength, self.cfg.seed
+        s, seed, cfg = self.strength, self.cfg.seed, self.cfg
         if corruption == "none" or PROTOCOL[corruption].random:
             return corrupt(corruption, x, s.get(corruption), seed)
-        if corruption == "pgd_linf":
-            eps = s["pgd_linf"]
-            return attacks.pgd_linf(self.classifier, x, y, eps, alpha=2.5 * eps / self.cfg.pgd_steps,
-                                    steps=self.cfg.pgd_steps, seed=seed)
+        if corruption == "pgd_linf" or (corruption == "adaptive" and defense.kind == "none"):
+            eps = s["pgd_linf"]  # (no purifier: the adaptive attack is PGD on the classifier)
+            return attacks.pgd_linf(self.classifier, x, y, eps, alpha=2.5 * eps / cfg.pgd_steps, steps=cfg.pgd_steps,
+                                    seed=seed)
         if corruption == "autoattack_l2":
-            return attacks.autoattack_l2(self.classifier, x, y, s["autoattack_l2"], self.cfg.autoattack_version, seed)
+            return attacks.autoattack_l2(self.classifier, x, y, s["autoattack_l2"], cfg.autoattack_version, seed)
         if corruption == "adaptive":
-            eps = s["pgd_linf"]
-            if purifier is None or purifier.model is None:  # no purifier: adaptive = PGD on the classifier
-                return self.corrupt("pgd_linf")
-            out = []
-            for i in range(0, n, 50):
-                out.append(attacks.pgd_eot_ddim_surrogate(
-                    self.classifier, purifier.model, self.diffusion, x[i:i + 50], y[i:i + 50], eps,
-                    self.cfg.t_star, steps=self.cfg.adaptive_steps, eot=self.cfg.adaptive_eot,
-                    surrogate_steps=self.cfg.surrogate_steps, seed=seed + i))
-            return torch.cat(out)
+            return self._chunked(x, y, lambda xs, ys, sd: attacks.pgd_eot_ddim_surrogate(
+                self.classifier, defense.model, self.diffusion, xs, ys, s["pgd_linf"], cfg.t_star,
+                steps=cfg.adaptive_steps, eot=cfg.adaptive_eot, surrogate_steps=cfg.surrogate_steps, seed=sd))
+        if corruption == "exact":
+            return self._chunked(x, y, lambda xs, ys, sd: defense.exact_attack(
+                self.classifier, xs, ys, s["pgd_linf"], cfg.exact_steps, cfg.exact_eot, sd))
         raise ValueError(f"unknown corruption {corruption!r}")
 
-    # -- purification
-    def purify(self, purifier: Purifier, x: torch.Tensor, seed: int) -> torch.Tensor:
-        if purifier.model is None:
-            return x
-        if purifier.adaptive_t:
-            return purify_adaptive(purifier.model, self.diffusion, x, ADAPTIVE_T_STAR, seed, self.cfg.batch_size,
-                                   num_steps=self.cfg.steps, method=purifier.method)[0]
-        labels = self.labels[:len(x)] if purifier.guided else None
-        return purify_chunks(purifier.model, self.diffusion, x, self.cfg.t_star, seed, self.cfg.batch_size, labels,
-                             num_steps=self.cfg.steps, method=purifier.method,
-                             guidance_scale=self.cfg.guidance_scale if purifier.guided else 0.0)
+    def _chunked(self, x, y, attack, size: int = 50) -> torch.Tensor:
+        """attack(x, y, seed) over chunks of ``size`` images, the chunk at i seeded seed + i."""
+        return torch.cat([attack(x[i:i + size], y[i:i + size], self.cfg.seed + i) for i in range(0, len(x), size)])
 
-    def cell(self, corruption: str, purifier: Purifier, corrupted: torch.Tensor) -> dict:
+    def attack_for(self, corruption: str, defense: Defense) -> tuple[torch.Tensor, float, str]:
+        """(the attack images a PER_DEFENSE cell is scored on, the seconds crafting them took, the
+        defense they were crafted against: defenses with one attack_key share one attack)."""
+        key = (corruption, *defense.attack_key)
+        if key not in self.attacks:
+            self.attacks[key] = (*timed(self.corrupt, corruption, defense), defense.name)
+        return self.attacks[key]
+
+    # -- cells
+    def cell(self, corruption: str, defense: Defense, corrupted: torch.Tensor, attack_seconds: float | None = None,
+             crafted_for: str | None = None) -> dict:
+        """Score ``defense`` on ``corrupted``: ``seeds`` purification runs per image (one if
+        deterministic). An attack's seconds count in the cell's own if it was crafted for this defense
+        (``crafted_for``; None: a shared attack)."""
+        t0 = time.perf_counter()
         n = len(corrupted)
         y, clean = self.labels[:n], self.images[:n]
-        seeds = range(self.cfg.seeds if purifier.stochastic else 1)
-        correct, first = [], None
-        for s in seeds:
-            purified = self.purify(purifier, corrupted, self.cfg.seed + s)
-            first = purified if first is None else first
-            correct.append(predict(self.classifier, purified).argmax(1) == y)
-        correct = torch.stack(correct).float()
-        acc = correct.mean().item()
+        runs = [defense.run(self.classifier, corrupted, self.cfg.seed + s)
+                for s in range(self.cfg.seeds if defense.stochastic else 1)]
+        correct = torch.stack([labels == y for _, labels in runs])
+        acc, worst = resubmission_accuracy(correct)
         lo, hi = wilson_interval(acc * n, n)
-        return {
-            "dataset": self.cfg.dataset, "corruption": corruption, "purifier": purifier.name,
-            "threat_model": PROTOCOL[corruption].threat, "n": n, "seeds": len(seeds),
-            "accuracy": acc, "ci95": [lo, hi],
-            "accuracy_per_seed": correct.mean(1).tolist(),
-            "worst_of_seeds": correct.min(0).values.mean().item(),
-            "psnr": psnr(first, clean).mean().item(), "ssim": ssim(first, clean).mean().item(),
-        }
+        first = runs[0][0]
+        cell = {"dataset": self.cfg.dataset, "corruption": corruption, "purifier": defense.name,
+                "threat_model": PROTOCOL[defense.threat(corruption)].threat, "n": n, "seeds": len(runs),
+                "accuracy": acc, "ci95": [lo, hi], "accuracy_per_seed": correct.double().mean(1).tolist(),
+                "worst_of_seeds": worst, "psnr": psnr(first, clean).mean().item(),
+                "ssim": ssim(first, clean).mean().item(),
+                "seconds": time.perf_counter() - t0 + (attack_seconds if crafted_for == defense.name else 0.0)}
+        if attack_seconds is not None:
+            cell.update(attack_seconds=attack_seconds, attack_crafted_for=crafted_for)
+        return cell
 
     # -- costs
-    def costs(self, purifier: Purifier) -> dict:
-        if purifier.model is None:
-            return {"purifier": "none", "parameters": 0}
-        model = purifier.model
-        shape = self.images.shape[1:]
-        row = {"purifier": purifier.name, "file": purifier.file,
-               "parameters": sum(p.numel() for p in model.parameters()),
-               "size_bytes": (ckpt.checkpoint_dir() / purifier.file).stat().st_size,
-               "macs_per_forward": model.macs(*shape[-2:]),
-               "forwards_per_image": 1 if purifier.method == "one-step" else self.cfg.steps}
-        if self.cfg.timing:
-            for b in (1, 64):
-                x = self.images[:b] if len(self.images) >= b else self.images[:1].repeat(b, 1, 1, 1)
-                purify_batch(model, self.diffusion, x, self.cfg.t_star, num_steps=self.cfg.steps, method=purifier.method)
-                times = []
-                for _ in range(3 if b == 1 else 2):
-                    t0 = time.perf_counter()
-                    purify_batch(model, self.diffusion, x, self.cfg.t_star, num_steps=self.cfg.steps,
-                                 method=purifier.method)
-                    times.append(time.perf_counter() - t0)
-                row[f"s_per_image_b{b}"] = min(times) / b
+    def seconds_per_image(self, defense: Defense, batch: int) -> float:
+        """The defended prediction's (purifications and classifier) wall time per image, best of a few."""
+        x = _tile(self.images, batch)
+        defense.predict(self.classifier, x, 0)  # warm-up
+        return min(timed(defense.predict, self.classifier, x, 0)[1] for _ in range(3 if batch == 1 else 2)) / batch
+
+    def costs(self, defense: Defense) -> dict:
+        row = {"purifier": defense.name, "kind": defense.kind, "parameters": defense.parameters}
+        if defense.kind == "diffusion":
+            row.update(file=defense.file, size_bytes=(ckpt.checkpoint_dir() / defense.file).stat().st_size,
+                       macs_per_forward=defense.model.macs(*self.images.shape[-2:]),
+                       forwards_per_image=defense.forwards_per_image)
+        if self.cfg.timing and defense.kind != "none":
+            for b in (1, 64) if defense.kind == "diffusion" else (1, CLASSICAL_TIMING_IMAGES):
+                row[f"s_per_image_b{b}"] = self.seconds_per_image(defense, b)
         return row
 
-    def estimate_seconds(self) -> float:
-        """A rough total before starting: purifier forwards plus attack iterations."""
-        model = next((p.model for p in self.purifiers if p.model is not None), None)
+    def seconds_per_forward(self) -> float:
+        """One network forward per image (batch 64) of the first diffusion model; 0 if none."""
+        model = next((d.model for d in self.defenses if d.kind == "diffusion"), None)
         if model is None:
             return 0.0
-        x = self.images[:64]
-        t = torch.full((len(x),), 10)
+        x, t = _tile(self.images, 64), torch.full((64,), 10)
         with torch.inference_mode():
             model(x, t)
-            t0 = time.perf_counter()
-            model(x, t)
-        per_fwd = (time.perf_counter() - t0) / len(x)
+            return timed(model, x, t)[1] / 64
+
+    def estimate_seconds(self) -> float:
+        """A rough total before starting: network forwards, and classical purifications timed on one image."""
+        cfg, fwd = self.cfg, self.seconds_per_forward()
         total = 0.0
-        for c in self.cfg.corruptions:
-            n = self.n_for(c)
-            total += sum(n * self.cfg.seeds * (1 if p.method == "one-step" else self.cfg.steps) * per_fwd
-                         * (2 if p.guided else 1) for p in self.purifiers if p.model is not None)
-            if c == "adaptive":
-                total += sum(n * self.cfg.adaptive_steps * self.cfg.adaptive_eot * (self.cfg.surrogate_steps + 1)
-                             * 3 * per_fwd for p in self.purifiers if p.model is not None)
-            if c == "autoattack_l2":
-                total += n * 0.05
-        return total
+        for d in self.defenses:
+            image = d.forwards_per_image * fwd if d.kind == "diffusion" else timed(d.purify, self.images[:1], 0)[1]
+            for c in cfg.corruptions:
+                n = self.n_for(c)
+                total += n * (cfg.seeds if d.stochastic else 1) * image
+                if c == "adaptive" and d.kind == "diffusion":
+                    total += n * cfg.adaptive_steps * cfg.adaptive_eot * (cfg.surrogate_steps + 1) * 3 * fwd
+                if c == "exact":  # forward, recomputation and backward: ~4 forwards a step (checkpointed)
+                    total += n * cfg.exact_steps * (cfg.exact_eot * 4 * d.forwards_per_purification * fwd
+                                                    if d.differentiable else image)
+        return total + (self.cfg.n_attack * 0.05 if "autoattack_l2" in cfg.corruptions else 0.0)
 
     def run(self) -> dict:
         cfg = self.cfg
-        est = self.estimate_seconds()
-        print(f"[{cfg.dataset}] {len(cfg.corruptions)} corruptions x {len(self.purifiers)} purifiers "
-              f"({', '.join(p.name for p in self.purifiers)}); missing: {self.missing or 'none'}; "
-              f"estimated {est / 60:.1f} min", flush=True)
-        cells = []
-        total = sum(len(self.purifiers) for _ in cfg.corruptions)
-        with tqdm(total=total, desc=f"evaluate {cfg.dataset}", dynamic_ncols=True,
+        print(f"[{cfg.dataset}] {len(cfg.corruptions)} corruptions x {len(self.defenses)} defenses "
+              f"({', '.join(d.name for d in self.defenses)}); missing: {self.missing or 'none'}; "
+              f"estimated {self.estimate_seconds() / 60:.1f} min", flush=True)
+        cells, skipped = [], []
+        with tqdm(total=len(cfg.corruptions) * len(self.defenses), desc=f"evaluate {cfg.dataset}", dynamic_ncols=True,
                   mininterval=1.0 if sys.stderr.isatty() else 20.0) as bar:
             for corruption in cfg.corruptions:
-                shared = None if corruption == "adaptive" else self.corrupt(corruption)
-                for purifier in self.purifiers:
+                shared = None if corruption in PER_DEFENSE else timed(self.corrupt, corruption)
+                for defense in self.defenses:
                     bar.update(1)
-                    if corruption == "adaptive" and purifier.adaptive_t:
-                        continue  # its attack must go through the t* choice: not built yet (robustness issue)
-                    bar.set_postfix_str(f"{corruption} / {purifier.name}", refresh=False)
-                    corrupted = shared if shared is not None else self.corrupt(corruption, purifier)
-                    cells.append(self.cell(corruption, purifier, corrupted))
-        costs = [self.costs(p) for p in self.purifiers]
+                    reason = defense.unsupported(corruption)
+                    if reason:
+                        skipped.append({"corruption": corruption, "purifier": defense.name, "reason": reason})
+                        continue
+                    bar.set_postfix_str(f"{corruption} / {defense.name}", refresh=False)
+                    if shared is None:
+                        cells.append(self.cell(corruption, defense, *self.attack_for(corruption, defense)))
+                    else:
+                        attack_seconds = shared[1] if corruption in ATTACKS else None
+                        cells.append(self.cell(corruption, defense, shared[0], attack_seconds))
+        costs = [self.costs(d) for d in self.defenses]
         return {"config": {**asdict(cfg), "strength": self.strength}, "missing": self.missing,
-                "cells": cells, "costs": costs}
+                "skipped": skipped, "cells": cells, "costs": costs}
 
 
 # --------------------------------------------------------------- reports
@@ -296,28 +450,44 @@ def pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
 
-SUMMARY_PURIFIERS = ("none", "dense", "tt-r2", "authors-r3", "tt-r2/one-step", "dense-cond/guided")
+def cell_index(result: dict) -> dict:
+    return {(c["corruption"], c["purifier"]): c for c in result["cells"]}
+
+
+def accuracy_text(cell: dict, ci: bool = False) -> str:
+    """'mean (worst-of-seeds)' in %, the worst only where a random defense ran several times;
+    ``ci`` adds the 95% interval of the mean."""
+    txt = pct(cell["accuracy"]) + (f" ({pct(cell['worst_of_seeds'])})" if cell["seeds"] > 1 else "")
+    return txt + (f" [{pct(cell['ci95'][0])}, {pct(cell['ci95'][1])}]" if ci else "")
+
+
+BEST_CLASSICAL = "best classical"  # a summary row: the best classical purifier of each column
+SUMMARY_PURIFIERS = ("none", "dense", BEST_CLASSICAL, "tt-r2", "dense/adaptive-t", "dense/vote8", "authors-r3",
+                     "tt-r2/one-step", "dense-cond/guided")
+
+
+def summary_text(cells: dict, corruption: str, purifier: str) -> str:
+    if purifier != BEST_CLASSICAL:
+        cell = cells.get((corruption, purifier))
+        return "" if cell is None else accuracy_text(cell)
+    best = max((c for (k, p), c in cells.items() if k == corruption and p in CLASSICAL),
+               key=lambda c: c["accuracy"], default=None)
+    return "" if best is None else f"{pct(best['accuracy'])} {best['purifier']}"
 
 
 def summary_markdown(results: list[dict], purifiers=SUMMARY_PURIFIERS) -> str:
-    """A compact table (accuracy %, mean over seeds; worst-of-seeds under attack) of a few
-    purifiers per dataset, for the README: ``python -m tendiff.evaluate --summarize docs/results.json``."""
+    """A compact table (accuracy %, mean (worst-of-seeds) over purification runs; the best classical
+    purifier per column, by name) of a few defenses per dataset, for the README:
+    ``python -m tendiff.evaluate --summarize docs/results.json``."""
     corrs = list(dict.fromkeys(c["corruption"] for r in results for c in r["cells"]))
     lines = ["| dataset | purifier | " + " | ".join(PROTOCOL[c].short for c in corrs) + " |",
              "|---|---|" + "---|" * len(corrs)]
     for r in results:
-        cells = {(c["corruption"], c["purifier"]): c for c in r["cells"]}
+        cells = cell_index(r)
         for p in purifiers:
-            if not any((c, p) in cells for c in corrs):
-                continue
-            row = []
-            for c in corrs:
-                cell = cells.get((c, p))
-                txt = "" if cell is None else pct(cell["accuracy"])
-                if cell is not None and c in ATTACKS and cell["seeds"] > 1:
-                    txt += f" ({pct(cell['worst_of_seeds'])})"
-                row.append(txt)
-            lines.append(f"| {r['config']['dataset']} | {p} | " + " | ".join(row) + " |")
+            row = [summary_text(cells, c, p) for c in corrs]
+            if any(row):
+                lines.append(f"| {r['config']['dataset']} | {p} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -325,7 +495,7 @@ def claims(result: dict) -> list[str]:
     """What our measurements say about the paper's testable claims, for one dataset."""
     lines = []
     costs = {c["purifier"]: c for c in result["costs"]}
-    cells = {(c["corruption"], c["purifier"]): c for c in result["cells"]}
+    cells = cell_index(result)
     if "dense" in costs and any(k.startswith("tt-r") and "/" not in k for k in costs):
         tt = {k: v for k, v in costs.items() if k.startswith("tt-r") and "/" not in k}
         ratios = ", ".join(f"{k}: {costs['dense']['parameters'] / v['parameters']:.0f}x" for k, v in tt.items())
@@ -341,9 +511,9 @@ def claims(result: dict) -> list[str]:
                           f"{costs['dense']['s_per_image_b64'] / v['s_per_image_b64']:.2f}x (batch 64)")
             verdict = "supported" if all(costs['dense']['s_per_image_b64'] > v['s_per_image_b64'] for v in tt.values()) \
                 else "not supported at every rank"
-            lines.append(f"- **\"More efficient\"** (wall time of the same purification on this machine, dense/TT): "
-                         f"{verdict}: {'; '.join(sp)}.")
-    for corruption in ("gaussian", "salt_pepper", "pgd_linf", "autoattack_l2", "adaptive"):
+            lines.append(f"- **\"More efficient\"** (wall time of the same defended prediction on this machine, "
+                         f"dense/TT): {verdict}: {'; '.join(sp)}.")
+    for corruption in CORRUPTIONS[1:]:
         d, t = cells.get((corruption, "dense")), cells.get((corruption, "tt-r2"))
         if d and t:
             overlap = not (t["ci95"][0] > d["ci95"][1] or d["ci95"][0] > t["ci95"][1])
@@ -354,6 +524,123 @@ def claims(result: dict) -> list[str]:
     return lines
 
 
+def table(header: list[str], rows: dict[str, list[str]]) -> list[str]:
+    """A markdown table, a row per purifier: diffusion ones first, then the classical ones under a heading row."""
+    names = sorted(rows, key=lambda p: p in CLASSICAL)  # (stable: keeps the run's order within each group)
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for i, p in enumerate(names):
+        if p in CLASSICAL and (i == 0 or names[i - 1] not in CLASSICAL):
+            out.append(f"| **{CLASSICAL_HEADING}** |" + " |" * (len(header) - 1))
+        out.append("| " + " | ".join([p, *rows[p]]) + " |")
+    return out
+
+
+def budget(corruption: str, cfg: dict) -> str:
+    s = cfg["strength"]
+    eps = f"eps {s['pgd_linf']:.4g}"
+    return {"none": "no corruption", "gaussian": f"sigma {s['gaussian']}", "salt_pepper": f"p {s['salt_pepper']}",
+            "pgd_linf": f"{eps}, {cfg['pgd_steps']} steps",
+            "autoattack_l2": f"eps {s['autoattack_l2']}, {cfg['autoattack_version']}",
+            "adaptive": f"{eps}, {cfg['adaptive_steps']} steps, EOT {cfg['adaptive_eot']}, "
+                        f"{cfg['surrogate_steps']}-step DDIM surrogate",
+            "exact": f"{eps}, {cfg.get('exact_steps')} steps, EOT {cfg.get('exact_eot')} (BPDA: no EOT, deterministic)",
+            }[corruption]
+
+
+def wall_time(corruption: str, col: list[dict]) -> str:
+    """A column's wall time: a shared attack crafted once, plus every cell (with the attacks crafted for it)."""
+    if not any("seconds" in c for c in col):
+        return ""  # (results written before cells were timed)
+    shared = None if corruption in PER_DEFENSE else next((c["attack_seconds"] for c in col if "attack_seconds" in c),
+                                                         None)
+    total = sum(c.get("seconds", 0.0) for c in col) + (shared or 0.0)
+    return (f"; attack crafted once in {shared:.1f} s" if shared is not None else "") + f"; wall time {total:.1f} s"
+
+
+def seconds_text(cell: dict) -> str:
+    if "seconds" not in cell:
+        return ""
+    other = cell.get("attack_crafted_for") not in (None, cell["purifier"])  # e.g. a vote: its base's attack
+    return f"{cell['seconds']:.1f}" + (f" (attack: {cell['attack_crafted_for']}'s)" if other else "")
+
+
+def column_section(title: str, cols: list[str], res: dict, purs: list[str]) -> list[str]:
+    """One column group: each column's budget, wall time and threat model(s) (which rows meet which
+    where they differ: exact or BPDA), then the accuracies and, for attacks crafted per defense,
+    the seconds each cell took."""
+    cells, skipped = cell_index(res), {(s["corruption"], s["purifier"]) for s in res.get("skipped", [])}
+    out = [f"### {title}", ""]
+    for c in cols:
+        col = [cell for cell in res["cells"] if cell["corruption"] == c]
+        threats: dict[str, list[str]] = {}
+        for cell in col:
+            threats.setdefault(cell["threat_model"], []).append(cell["purifier"])
+        head = f"- **{PROTOCOL[c].short}** ({budget(c, res['config'])}{wall_time(c, col)}):"
+        out += ([f"{head} {next(iter(threats))}"] if len(threats) == 1 else
+                [head] + [f"  - {', '.join(p)}: {t}" for t, p in threats.items()])
+    per_defense = [c for c in cols if c in PER_DEFENSE and any("seconds" in cells[k] for k in cells if k[0] == c)]
+    rows = {}
+    for p in purs:
+        acc = ["not run" if (c, p) in skipped else accuracy_text(cells[(c, p)], ci=True) if (c, p) in cells else ""
+               for c in cols]
+        rows[p] = acc + [seconds_text(cells.get((c, p), {})) for c in per_defense]
+    header = ["purifier", *(PROTOCOL[c].short for c in cols), *(f"{c}: s" for c in per_defense)]
+    return out + [""] + table(header, rows) + [""]
+
+
+def not_evaluated(res: dict) -> list[str]:
+    checkpoints = [m for m in res["missing"] if m not in CLASSICAL]
+    libraries = [m for m in res["missing"] if m in CLASSICAL]
+    out = [f"Not evaluated ({why} missing): {', '.join(names)}." for why, names in
+           (("checkpoint", checkpoints), ("library", libraries)) if names]
+    reasons: dict[tuple, list[str]] = {}
+    for s in res.get("skipped", []):
+        reasons.setdefault((s["corruption"], s["reason"]), []).append(s["purifier"])
+    out += [f"Not run in the {PROTOCOL[c].short} column: {', '.join(p)}: {why}." for (c, why), p in reasons.items()]
+    return [line + "  " for line in out] + ([""] if out else [])
+
+
+def ms(seconds: float | None, digits: int = 1) -> str:
+    return "" if seconds is None else f"{seconds * 1000:.{digits}f} ms"
+
+
+def cost_row(c: dict) -> list[str]:
+    big = c.get("s_per_image_b64", c.get(f"s_per_image_b{CLASSICAL_TIMING_IMAGES}"))
+    if "macs_per_forward" not in c:  # classical: no network
+        return [f"{c['parameters']:,}", "", "", "", ms(c.get("s_per_image_b1")), ms(big, 2)]
+    return [f"{c['parameters']:,}", f"{c['size_bytes'] / 1024:.0f} KiB", f"{c['macs_per_forward'] / 1e6:.1f} M",
+            str(c["forwards_per_image"]), ms(c.get("s_per_image_b1")), ms(big, 2)]
+
+
+def dataset_section(res: dict, made_by: str | None) -> list[str]:
+    cfg, s = res["config"], res["config"]["strength"]
+    corrs = list(dict.fromkeys(c["corruption"] for c in res["cells"]))
+    purs = list(dict.fromkeys(c["purifier"] for c in res["cells"]))
+    cells = cell_index(res)
+    out = [f"## {cfg['dataset']}", ""] + ([made_by, ""] if made_by else [])
+    out += [f"Subset: first {cfg['n']} images (attacks: {cfg['n_attack']}) of a seed-{cfg['seed']} permutation of "
+            f"the test split. Purification: t* = {cfg['t_star']}, {cfg['steps']} {cfg['method']} steps; random "
+            f"defenses purify each image {cfg['seeds']} times per cell (deterministic ones once). Gaussian sigma "
+            f"{s['gaussian']}, salt-and-pepper p {s['salt_pepper']}.", ""]
+    out += not_evaluated(res)
+    for title, group in COLUMN_GROUPS:
+        cols = [c for c in group if c in corrs]
+        out += column_section(title, cols, res, purs) if cols else []
+    out += ["PSNR (dB) / SSIM of the purified image to the clean one (first run):", ""]
+    out += table(["purifier", *(PROTOCOL[c].short for c in corrs)],
+                 {p: [f"{cells[(c, p)]['psnr']:.1f} / {cells[(c, p)]['ssim']:.3f}" if (c, p) in cells else ""
+                      for c in corrs] for p in purs})
+    out += ["", "Cost per defense (seconds per image of the whole defended prediction, purification(s) and "
+            "classifier, on this machine):", ""]
+    out += table(["purifier", "parameters", "size on disk", "MACs / forward", "forwards / image",
+                  "s / image, batch 1", f"s / image, batch 64 (classical: {CLASSICAL_TIMING_IMAGES} images)"],
+                 {c["purifier"]: cost_row(c) for c in res["costs"] if c["purifier"] != "none"})
+    out += ["", "What the measurements say about the paper's claims:", ""] + claims(res) + [""]
+    for fig in res.get("figures", []):
+        out += [f"![{fig}]({fig})", ""]
+    return out
+
+
 def markdown(results: list[dict], command: str) -> str:
     commands = list(dict.fromkeys(r.get("command", command) for r in results))
     out = ["# Results", "",
@@ -362,63 +649,18 @@ def markdown(results: list[dict], command: str) -> str:
             if len(commands) == 1 else
             "Made dataset by dataset (`--merge`); each section names the command, machine and date that made it."),
            "",
-           "Accuracy in % (mean over purification seeds) with its 95% Wilson interval; `worst` is the "
-           "worst-of-seeds accuracy (an image counts only if every seed is right). Transfer attacks are "
-           "crafted on the bare classifier and are **not** robustness against an adaptive attacker; the "
-           "`adaptive` column attacks through the purifier. `dense-cond/guided` is the authors' code-faithful "
-           "variant: classifier-free guidance with the **true label**, which leaks the answer and is no defense.",
+           "Accuracy in %: the mean over purification runs, in parentheses the worst-of-seeds accuracy (an image "
+           "counts only if every run classifies it right: an attacker who may resubmit; shown where a random defense "
+           "ran several times), then the 95% Wilson interval of the mean. Transfer attacks are crafted on the bare "
+           "classifier and are **not** robustness against an adaptive attacker; the adaptive columns attack through "
+           "the defense (a DDIM surrogate; the exact gradient; BPDA for classical purifiers). `<label>/vote<K>` is a "
+           "majority vote over K purifications. `dense-cond/guided` is the authors' code-faithful variant: "
+           "classifier-free guidance with the **true label**, which leaks the answer and is no defense.",
            ""]
     for res in results:
-        cfg = res["config"]
-        corrs = list(dict.fromkeys(c["corruption"] for c in res["cells"]))
-        purs = list(dict.fromkeys(c["purifier"] for c in res["cells"]))
-        cells = {(c["corruption"], c["purifier"]): c for c in res["cells"]}
-        s = cfg["strength"]
-        out += [f"## {cfg['dataset']}", ""]
-        if len(commands) > 1:
-            out += [f"Made by `{res.get('command', command)}`  ", f"on {res.get('machine', '?')}, {res.get('date', '?')}.", ""]
-        out += [
-                f"Subset: first {cfg['n']} images (attacks: {cfg['n_attack']}) of a seed-{cfg['seed']} permutation of "
-                f"the test split. Purification: t* = {cfg['t_star']}, {cfg['steps']} {cfg['method']} steps, "
-                f"{cfg['seeds']} seeds. Gaussian sigma {s['gaussian']}, salt-and-pepper p {s['salt_pepper']}, "
-                f"PGD L-inf eps {s['pgd_linf']:.4g} ({cfg['pgd_steps']} steps), AutoAttack L2 eps {s['autoattack_l2']} "
-                f"({cfg['autoattack_version']}), adaptive: PGD L-inf eps {s['pgd_linf']:.4g}, {cfg['adaptive_steps']} steps, "
-                f"EOT {cfg['adaptive_eot']}, {cfg['surrogate_steps']}-step DDIM surrogate.", ""]
-        if res["missing"]:
-            out += [f"Not evaluated (checkpoint missing): {', '.join(res['missing'])}.", ""]
-        out.append("| purifier | " + " | ".join(f"{c}<br><sub>{PROTOCOL[c].threat}</sub>" for c in corrs) + " |")
-        out.append("|---|" + "---|" * len(corrs))
-        for p in purs:
-            row = []
-            for c in corrs:
-                cell = cells.get((c, p))
-                if cell is None:
-                    row.append("")
-                    continue
-                txt = f"{pct(cell['accuracy'])} [{pct(cell['ci95'][0])}, {pct(cell['ci95'][1])}]"
-                if cell["seeds"] > 1 and c in ATTACKS:
-                    txt += f" worst {pct(cell['worst_of_seeds'])}"
-                row.append(txt)
-            out.append(f"| {p} | " + " | ".join(row) + " |")
-        out += ["", "PSNR (dB) / SSIM of the purified image to the clean one (first seed):", ""]
-        out.append("| purifier | " + " | ".join(corrs) + " |")
-        out.append("|---|" + "---|" * len(corrs))
-        for p in purs:
-            out.append(f"| {p} | " + " | ".join(
-                f"{cells[(c, p)]['psnr']:.1f} / {cells[(c, p)]['ssim']:.3f}" if (c, p) in cells else "" for c in corrs) + " |")
-        out += ["", "Cost per purifier (timed purifications on this machine, same t* and steps):", "",
-                "| purifier | parameters | size on disk | MACs / forward | forwards / image | s / image, batch 1 | s / image, batch 64 |",
-                "|---|---|---|---|---|---|---|"]
-        for c in res["costs"]:
-            if c["purifier"] == "none":
-                continue
-            b1, b64 = c.get("s_per_image_b1"), c.get("s_per_image_b64")
-            out.append(f"| {c['purifier']} | {c['parameters']:,} | {c['size_bytes'] / 1024:.0f} KiB | "
-                       f"{c['macs_per_forward'] / 1e6:.1f} M | {c['forwards_per_image']} | "
-                       f"{'' if b1 is None else f'{b1 * 1000:.1f} ms'} | {'' if b64 is None else f'{b64 * 1000:.2f} ms'} |")
-        out += ["", "What the measurements say about the paper's claims:", ""] + claims(res) + [""]
-        for fig in res.get("figures", []):
-            out += [f"![{fig}]({fig})", ""]
+        made_by = (f"Made by `{res.get('command', command)}`  \non {res.get('machine', '?')}, {res.get('date', '?')}."
+                   if len(commands) > 1 else None)
+        out += dataset_section(res, made_by)
     return "\n".join(out)
 
 
@@ -456,7 +698,7 @@ def figures(result: dict, out_dir: Path) -> list[str]:
     fig.savefig(out_dir / names[0], dpi=110)
     plt.close(fig)
 
-    costs = [c for c in result["costs"] if c["purifier"] not in ("none",) and "/" not in c["purifier"]]
+    costs = [c for c in result["costs"] if c["parameters"] > 0 and "/" not in c["purifier"]]  # (log axis: no 0)
     noisy = [c for c in corrs if c in ("gaussian", "salt_pepper")]
     if costs and noisy:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -512,12 +754,13 @@ def write_outputs(results: list[dict], out_dir: Path, command: str) -> None:
     with open(out_dir / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["dataset", "corruption", "threat_model", "purifier", "n", "seeds", "accuracy", "ci95_low",
-                    "ci95_high", "worst_of_seeds", "psnr", "ssim"])
+                    "ci95_high", "worst_of_seeds", "psnr", "ssim", "seconds"])
         for res in results:
             for c in res["cells"]:
                 w.writerow([c["dataset"], c["corruption"], c["threat_model"], c["purifier"], c["n"], c["seeds"],
                             f"{c['accuracy']:.4f}", f"{c['ci95'][0]:.4f}", f"{c['ci95'][1]:.4f}",
-                            f"{c['worst_of_seeds']:.4f}", f"{c['psnr']:.2f}", f"{c['ssim']:.4f}"])
+                            f"{c['worst_of_seeds']:.4f}", f"{c['psnr']:.2f}", f"{c['ssim']:.4f}",
+                            f"{c.get('seconds', float('nan')):.2f}"])
     (out_dir / "results.md").write_text(markdown(results, command))
 
 
@@ -527,18 +770,24 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="mnist", choices=DATASETS + ("all",))
     p.add_argument("--n", type=int, default=1000, help="images for clean and noise columns")
     p.add_argument("--n-attack", type=int, default=200, help="images for attack columns")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3,
+                   help="purification runs per image and cell: mean and worst-of-seeds (resubmission) accuracy")
     p.add_argument("--t-star", type=int, default=None,
                    help="diffusion depth (default: the dataset's t*, chosen on held-out images: "
                         + ", ".join(f"{d} {t}" for d, t in T_STAR.items()) + ")")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--method", default="ddim", choices=["ddim", "ddpm", "one-step"])
     p.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS), choices=CORRUPTIONS)
-    p.add_argument("--purifiers", nargs="+", default=list(PURIFIERS))
+    p.add_argument("--purifiers", nargs="+", default=list(PURIFIERS),
+                   help="none, a checkpoint label (dense, tt-r2, ...), <label>/one-step, <label>/adaptive-t, "
+                        "<label>/vote<K>, dense-cond/guided, or a classical purifier: " + ", ".join(CLASSICAL))
     p.add_argument("--pgd-steps", type=int, default=40)
     p.add_argument("--adaptive-steps", type=int, default=20)
     p.add_argument("--adaptive-eot", type=int, default=4)
     p.add_argument("--surrogate-steps", type=int, default=2)
+    p.add_argument("--exact-steps", type=int, default=20,
+                   help="PGD steps of the exact column (Lee & Kim's budget: 200 steps, --exact-eot 20)")
+    p.add_argument("--exact-eot", type=int, default=4, help="EOT draws per step of the exact column")
     p.add_argument("--autoattack-version", default="standard", choices=["standard", "rand", "plus"])
     p.add_argument("--no-timing", action="store_true", help="skip the per-purifier timings")
     p.add_argument("--seed", type=int, default=0)
@@ -565,7 +814,7 @@ def record_metrics(result: dict) -> None:
             metrics["n_eval"] = result["config"]["n"]
             metrics["n_eval_attacks"] = result["config"]["n_attack"]
             ckpt.set_metrics(ckpt.checkpoint_name(ds, "classifier"), metrics)
-        elif "/" not in name:
+        elif "/" not in name and name not in CLASSICAL:
             ckpt.set_metrics(ckpt.checkpoint_name(ds, name), {**metrics, "n_eval": result["config"]["n"],
                                                               "n_eval_attacks": result["config"]["n_attack"]})
 
@@ -585,7 +834,8 @@ def main(argv=None):
         cfg = EvalConfig(dataset=ds, n=args.n, n_attack=args.n_attack, seeds=args.seeds, t_star=t_star,
                          steps=args.steps, method=args.method, pgd_steps=args.pgd_steps,
                          adaptive_steps=args.adaptive_steps, adaptive_eot=args.adaptive_eot,
-                         surrogate_steps=args.surrogate_steps, autoattack_version=args.autoattack_version,
+                         surrogate_steps=args.surrogate_steps, exact_steps=args.exact_steps,
+                         exact_eot=args.exact_eot, autoattack_version=args.autoattack_version,
                          corruptions=tuple(args.corruptions), purifiers=tuple(args.purifiers), seed=args.seed,
                          timing=not args.no_timing)
         try:

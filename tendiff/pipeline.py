@@ -36,12 +36,12 @@ from .checkpoints import CheckpointNotFoundError, checkpoint_name, load_model, m
 from .classifiers import predict
 from .data import CLASS_NAMES, DATASETS, IMAGE_SHAPE, check_dataset
 from .diffusion import METHODS, GaussianDiffusion, purify
-from .protocol import CORRUPTIONS, DATASET_TITLES, PURIFIERS, T_STAR, corrupt, parse_model_label
+from .classical import CLASSICAL, available as classical_available, estimate_noise, purify as classical_purify
+from .protocol import ADAPTIVE_T_STAR, CORRUPTIONS, DATASET_TITLES, PURIFIERS, T_STAR, corrupt, parse_model_label
 from .tt import TTConv2d, count_parameters, tt_layers, tt_param_count, dense_param_count
 from .unet import UNet, preset
 
 APP_CORRUPTIONS = ("none", "gaussian", "salt_pepper", "pgd_linf", "adaptive")  # what the app offers
-COMPARE_LABELS = ("dense", "tt-r1", "tt-r2", "tt-r3", "tt-r4")
 DEFAULT_MODEL = "tt-r2"
 DEFAULT_T_STAR = T_STAR["mnist"]  # the app's first dataset's
 DEFAULT_STEPS = 10
@@ -155,14 +155,16 @@ class CorruptionSpec:
 @dataclass(frozen=True)
 class PurifySpec:
     model: str = DEFAULT_MODEL
-    t_star: int | None = None  # None: the dataset's T_STAR
+    t_star: int | str | None = None  # None: the dataset's T_STAR; "auto": from the input (tendiff.adaptive)
     steps: int = DEFAULT_STEPS
     method: str = DEFAULT_METHOD
     seed: int = 0
 
     def validated(self, num_timesteps: int, limits: Limits = Limits(), dataset: str | None = None) -> "PurifySpec":
-        """This spec checked, with t* = ``T_STAR[dataset]`` where it was left None."""
-        parse_model_label(self.model)
+        """This spec checked, with t* = ``T_STAR[dataset]`` where it was left None ("auto" stays:
+        :meth:`Studio.resolve_t_star` fixes it once the input is known)."""
+        if self.model not in CLASSICAL:
+            parse_model_label(self.model)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         t_star = self.t_star
@@ -170,9 +172,11 @@ class PurifySpec:
             if dataset is None:
                 raise ValueError("t* is None (the dataset's default) but no dataset was given")
             t_star = T_STAR[check_dataset(dataset)]
-        t_star = _check_int("t*", t_star, 1, num_timesteps)
+        if t_star != "auto":
+            t_star = _check_int("t*", t_star, 1, num_timesteps)
+        max_steps = ADAPTIVE_T_STAR.t_min if t_star == "auto" else t_star
         steps = 1 if self.method == "one-step" else _check_int(
-            "number of reverse steps", self.steps, 1, min(limits.max_reverse_steps, t_star))
+            "number of reverse steps", self.steps, 1, min(limits.max_reverse_steps, max_steps))
         return replace(self, t_star=t_star, steps=steps, seed=_check_int("seed", self.seed, 0, limits.max_seed))
 
 
@@ -374,6 +378,7 @@ class RunResult:
     probs_purified: torch.Tensor
     tracked_label: int
     seconds: float
+    t_star_note: str = ""  # how an adaptive t* was chosen
 
     @property
     def purified(self) -> torch.Tensor:
@@ -432,10 +437,14 @@ class Studio:
         return self._manifest[1]
 
     def available_models(self, dataset: str) -> list[str]:
-        """Purifier labels whose checkpoint the manifest lists, in display order."""
+        """Diffusion purifier labels whose checkpoint the manifest lists, in display order."""
         check_dataset(dataset)
         listed = self.manifest_entries()
         return [m for m in PURIFIERS if checkpoint_name(dataset, m) in listed]
+
+    def available_purifiers(self, dataset: str) -> list[str]:
+        """Every purifier a run can use: the trained diffusion ones, then the classical ones."""
+        return self.available_models(dataset) + [name for name in CLASSICAL if classical_available(name)]
 
     def has_classifier(self, dataset: str) -> bool:
         return checkpoint_name(check_dataset(dataset), "classifier") in self.manifest_entries()
@@ -529,8 +538,13 @@ class Studio:
         spec = replace(spec, kind=kind).validated(self.limits)
         seed = _check_int("seed", seed, 0, self.limits.max_seed)
         if spec.kind == "adaptive":
+            if model in CLASSICAL:
+                raise ValueError("the adaptive attack differentiates through a diffusion purifier; pick one, or "
+                                 "attack the classifier (PGD L-inf)")
             parse_model_label(model)
-            t_star = _check_int("t*", T_STAR[dataset] if t_star is None else t_star, 1, self.num_timesteps)
+            # An adaptive t* is attacked through the dataset's fixed t* (the surrogate's depth).
+            t_star = T_STAR[dataset] if t_star in (None, "auto") else t_star
+            t_star = _check_int("t*", t_star, 1, self.num_timesteps)
         key = ("corrupt", dataset, image_hash(x), y, spec.key(), seed,
                (model, t_star, self._sha(checkpoint_name(dataset, model))) if spec.kind == "adaptive" else None,
                self._sha(checkpoint_name(dataset, "classifier")) if spec.kind in ("pgd_linf", "adaptive") else None)
@@ -569,20 +583,38 @@ class Studio:
         """
         check_dataset(dataset)
         spec = spec.validated(self.num_timesteps, self.limits, dataset)
-        model = purifier if purifier is not None else self.purifier(dataset, spec.model)
         classifier = self.classifier(dataset)
         clean = x if clean is None else clean
         if track_label is None:
             track_label = int(self.probs(dataset, clean).argmax())
-        label = None if guide_label is None else torch.tensor([int(guide_label)])
         start = time.perf_counter()
-        for step in purify(model, self.diffusion, x, spec.t_star, num_steps=spec.steps, method=spec.method,
-                           seed=spec.seed, label=label, guidance_scale=guidance_scale):
-            pred = step.pred_x0.clamp(0, 1)
+
+        def frame(index, num_steps, t, x_t, pred):
+            pred = pred.clamp(0, 1)
             conf = float(predict(classifier, pred)[0, track_label])
             dist = float((pred - clean).pow(2).mean().sqrt())
-            yield Frame(step.index, step.num_steps, step.t, self.diffusion.noise_std(step.t), step.x_t.clamp(0, 1),
-                        pred, conf, dist, time.perf_counter() - start)
+            return Frame(index, num_steps, t, self.diffusion.noise_std(t), x_t.clamp(0, 1), pred, conf, dist,
+                         time.perf_counter() - start)
+
+        if spec.model in CLASSICAL:  # one filter pass: a single, final frame
+            out = classical_purify(spec.model, x)
+            yield frame(0, 0, 0, out, out)
+            return
+        spec = self.resolve_t_star(spec, x)[0]
+        model = purifier if purifier is not None else self.purifier(dataset, spec.model)
+        label = None if guide_label is None else torch.tensor([int(guide_label)])
+        for step in purify(model, self.diffusion, x, spec.t_star, num_steps=spec.steps, method=spec.method,
+                           seed=spec.seed, label=label, guidance_scale=guidance_scale):
+            yield frame(step.index, step.num_steps, step.t, step.x_t, step.pred_x0)
+
+    def resolve_t_star(self, spec: PurifySpec, x: torch.Tensor) -> tuple[PurifySpec, str]:
+        """A spec with t* = "auto" made concrete for input x (:mod:`tendiff.adaptive`), with the
+        rule's explanation; any other spec unchanged."""
+        if spec.t_star != "auto":
+            return spec, ""
+        t = int(ADAPTIVE_T_STAR.choose(x, self.diffusion)[0])
+        note = ADAPTIVE_T_STAR.describe(float(estimate_noise(x)[0]), t, self.diffusion)
+        return replace(spec, t_star=t, steps=min(spec.steps, t)), note
 
     # ------------------------------------------------------------ whole runs
     def run_key(self, dataset, x, y, corruption: CorruptionSpec, spec: PurifySpec) -> tuple:
@@ -600,7 +632,7 @@ class Studio:
         if not self.has_classifier(dataset):
             raise CheckpointNotFoundError(f"{DATASET_TITLES[dataset]}: the classifier is not trained yet "
                                           f"({checkpoint_name(dataset, 'classifier')} is missing)")
-        if spec.model not in self.available_models(dataset):
+        if spec.model not in self.available_purifiers(dataset):
             raise CheckpointNotFoundError(f"{DATASET_TITLES[dataset]}: the {spec.model} purifier is not trained yet "
                                           f"({checkpoint_name(dataset, spec.model)} is missing)")
         return y, corruption, spec
@@ -622,13 +654,14 @@ class Studio:
         corrupted = self.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star)
         probs_clean = self.probs(dataset, x)
         tracked = y if y is not None else int(probs_clean.argmax())
+        spec, note = self.resolve_t_star(spec, corrupted.tensor)
         frames = []
         for frame in self.purify_stream(dataset, corrupted.tensor, spec, clean=x, track_label=tracked):
             frames.append(frame)
             if not frame.final:
                 yield frame, None, False
         result = RunResult(dataset, x, corrupted, spec, frames, probs_clean[0], self.probs(dataset, corrupted.tensor)[0],
-                           self.probs(dataset, frames[-1].x_t)[0], tracked, time.perf_counter() - start)
+                           self.probs(dataset, frames[-1].x_t)[0], tracked, time.perf_counter() - start, note)
         self._cached(key, lambda: result)
         yield frames[-1], result, False
 
@@ -640,44 +673,42 @@ class Studio:
         return result
 
     def compare(self, dataset: str, x: torch.Tensor, y=None, corruption: CorruptionSpec = CorruptionSpec(),
-                spec: PurifySpec = PurifySpec(), models: Sequence[str] = COMPARE_LABELS) -> Iterator[list[CompareRow]]:
-        """The same input, corruption and seed through each model; yields the growing table.
+                spec: PurifySpec = PurifySpec(), models: Sequence[str] | None = None) -> Iterator[list[CompareRow]]:
+        """The same input, corruption and seed through each purifier (default: every available
+        one, diffusion then classical); yields the growing table.
 
         Adaptive corruptions are computed once, against ``spec.model``, and shared by every row.
         """
-        for m in models:
-            parse_model_label(m)
         y, corruption, spec = self.validate_request(dataset, y, corruption, spec)
+        available = self.available_purifiers(dataset)
+        for m in models or ():
+            if m not in CLASSICAL:
+                parse_model_label(m)
         corrupted = self.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star)
         tracked = y if y is not None else int(self.probs(dataset, x).argmax())
         dense_params = self.dense_parameters(dataset)
-        available = set(self.available_models(dataset))
         rows: list[CompareRow] = []
-        for m in models:
+        for m in models or available:
             if m not in available:
                 rows.append(CompareRow(m, False, note="not trained yet"))
                 yield list(rows)
                 continue
-            purifier = self.purifier(dataset, m)
             mspec = replace(spec, model=m)
             key = ("compare", self.run_key(dataset, x, y, corruption, mspec))
-            with self._cache_lock:
-                row = self._cache.get(key)
-            if row is None:
-                start = time.perf_counter()
-                last = None
-                for last in purify(purifier, self.diffusion, corrupted.tensor, mspec.t_star, num_steps=mspec.steps,
-                                   method=mspec.method, seed=mspec.seed):
-                    pass
-                seconds = time.perf_counter() - start
-                out = last.x_t.clamp(0, 1)
-                p = self.probs(dataset, out)[0]
-                name, conf = topk(dataset, p, 1)[0]
-                params = self.model_parameters(dataset, m)
-                row = CompareRow(m, True, out, name, conf, float(p[tracked]), params, dense_params / params, seconds)
-                self._cached(key, lambda: row)
+            row, _ = self._cached(key, lambda: self._compare_row(dataset, corrupted.tensor, mspec, tracked, dense_params))
             rows.append(row)
             yield list(rows)
+
+    def _compare_row(self, dataset, x, spec: PurifySpec, tracked: int, dense_params: int) -> CompareRow:
+        start = time.perf_counter()
+        last = None
+        for last in self.purify_stream(dataset, x, spec, track_label=tracked):
+            pass
+        p = self.probs(dataset, last.x_t)[0]
+        name, conf = topk(dataset, p, 1)[0]
+        params = 0 if spec.model in CLASSICAL else self.model_parameters(dataset, spec.model)
+        return CompareRow(spec.model, True, last.x_t, name, conf, float(p[tracked]), params,
+                          dense_params / params if params else float("nan"), time.perf_counter() - start)
 
     # ------------------------------------------------------------------ learn
     def tt_layer_names(self, dataset: str, model: str) -> list[str]:

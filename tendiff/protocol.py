@@ -50,6 +50,13 @@ CORRUPTIONS = {c.name: c for c in (
     Corruption("adaptive", "Adaptive PGD+EOT through the purifier (slow)", "PGD+EOT (adaptive, surrogate)",
                "Adaptive: the attack sees the purifier (PGD+EOT with gradients through a few-step DDIM "
                "surrogate of the chosen purifier, then the classifier)."),
+    Corruption("exact", "Exact PGD+EOT through the whole defense (slowest)", "PGD+EOT (exact; BPDA for classical)",
+               "Adaptive, white-box: PGD L-inf + EOT, the gradient exactly through the defense as it runs (its t*, "
+               "sampler and steps; adaptive t*: through the t* it picks for the current input, a piecewise-constant "
+               "choice not differentiated; a vote: EOT over fresh noises of the one purification it repeats)."),
+    Corruption("bpda", "BPDA PGD through a non-differentiable purifier", "PGD (BPDA)",
+               "Adaptive, white-box BPDA (Athalye et al. 2018): PGD L-inf, forward through the real deterministic "
+               "purifier, backward as the identity (with no purifier: plain white-box PGD)."),
 )}
 
 

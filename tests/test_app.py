@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from conftest import missing_checkpoints  # noqa: E402
-from tendiff.pipeline import (COMPARE_LABELS, CorruptionSpec, Limits, PurifySpec, Studio, check_label,  # noqa: E402
+from tendiff.classical import CLASSICAL  # noqa: E402
+from tendiff.pipeline import (CorruptionSpec, Limits, PurifySpec, Studio, check_label,  # noqa: E402
                               prepare_image, quantize)
 from tendiff.protocol import parse_model_label, purifier_title  # noqa: E402
 
@@ -187,6 +188,30 @@ def test_pipeline_streams_every_step_and_caches():
     assert torch.equal(again[-1][1].purified, result.purified)
 
 
+@needs_mnist
+def test_classical_purifier_runs_as_one_final_frame():
+    studio = Studio()
+    x = prepare_image(ASSETS / "mnist_7_0.png", "mnist").tensor
+    events = list(studio.run_stream("mnist", x, 7, CorruptionSpec("salt_pepper", p=0.2), PurifySpec("median3")))
+    assert len(events) == 1 and events[0][1] is not None
+    result = events[0][1]
+    noisy = result.corrupted.tensor
+    assert (result.purified - x).abs().mean() < (noisy - x).abs().mean()  # the median removes most impulses
+    assert "median3" in studio.available_purifiers("mnist") and "median3" not in studio.available_models("mnist")
+
+
+@needs_mnist
+def test_adaptive_t_star_follows_the_input_noise_and_says_why():
+    studio = Studio()
+    x = prepare_image(ASSETS / "mnist_7_0.png", "mnist").tensor
+    spec = PurifySpec(t_star="auto", steps=10, seed=0)
+    light = studio.run("mnist", x, 7, CorruptionSpec("gaussian", sigma=0.05), spec)
+    heavy = studio.run("mnist", x, 7, CorruptionSpec("salt_pepper", p=0.3), spec)
+    assert light.spec.t_star < heavy.spec.t_star and light.frames[0].t == light.spec.t_star
+    assert f"t* = {heavy.spec.t_star}" in heavy.t_star_note and "estimated input noise" in heavy.t_star_note
+    assert light.spec.steps <= light.spec.t_star
+
+
 @pytest.mark.skipif(bool(missing_checkpoints("cifar10")), reason="CIFAR-10 checkpoints not trained yet")
 def test_pipeline_purifies_cifar10_in_colour():
     studio = Studio()
@@ -330,12 +355,13 @@ def test_api_takes_labels_of_the_requested_dataset(client):
 @pytest.mark.slow
 def test_compare_endpoint(client):
     gallery, table, status = client.predict(*run_args(seed=3), "ddim", 5, api_name="/compare")
-    assert [row[0] for row in table["data"]] == list(COMPARE_LABELS)
-    available = [row for row in table["data"] if row[1] != "not trained yet"]
-    assert len(gallery) == len(available) >= 1
-    for row in available:
-        assert 0 <= row[2] <= 1 and row[4] > 0 and row[5] > 0 and row[6] > 0
-    assert f"{len(COMPARE_LABELS)} model(s) done" in status
+    expected = Studio().available_purifiers("mnist")
+    assert [row[0] for row in table["data"]] == expected and any(m in CLASSICAL for m in expected)
+    assert len(gallery) == len(expected) >= 2
+    for row in table["data"]:
+        assert 0 <= row[2] <= 1 and row[6] > 0
+        assert (row[4] == 0) if row[0] in CLASSICAL else (row[4] > 0 and row[5] > 0)
+    assert f"{len(expected)} purifier(s) done" in status
 
 
 @pytest.mark.slow
@@ -343,7 +369,7 @@ def test_learn_endpoints(client):
     model, layer, plot, text = client.predict("mnist", "tt-r2", "", api_name="/learn_layer")
     assert "TT cores" in text and plot is not None
     text, params = client.predict("mnist", 3, api_name="/learn_params")
-    assert "R = 3" in text and len(params["data"]) == 3 * 8
+    assert "R = 3" in text and len(params["data"]) == 4 * 8  # dense, tt, ttm, authors at ranks 1..8
     plot, text = client.predict(250, api_name="/learn_schedule")
     assert "t* = 250" in text and plot is not None
 
@@ -367,4 +393,5 @@ def test_the_documented_api_example_runs(client):
     scope = {"URL": client.src}
     exec(compile(code, "API_DOC", "exec"), scope)
     assert scope["final"][2].startswith("Done") and len(scope["frames"]) == 11
-    assert len(scope["table"]["data"]) == len(COMPARE_LABELS) and "sees only the classifier" in scope["threat"]
+    assert len(scope["table"]["data"]) == len(Studio().available_purifiers("mnist"))
+    assert "sees only the classifier" in scope["threat"]

@@ -63,6 +63,14 @@ def test_noise_free_constant_image_is_kept(name):
     assert torch.allclose(purify(name, x), x, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_black_background_with_ties_stays_finite(name):
+    x = torch.zeros(1, 1, 28, 28)
+    x[..., 8:20, 12:16] = 1.0  # an MNIST-like stroke: many identical (all-zero) patches
+    out = purify(name, salt_and_pepper(x, 0.05, seed=6))
+    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
 def test_explicit_parameter_overrides_the_rule():
     noisy = gaussian_noise(constant(1, 28), 0.1, seed=4)
     assert torch.equal(purify("tv", noisy, weight=0.0), noisy)  # no regularisation: unchanged

@@ -3,9 +3,12 @@ import json
 import pytest
 import torch
 
-from tendiff import checkpoints as ckpt
+from tendiff import checkpoints as ckpt, classical
 from tendiff.classifiers import build_classifier
-from tendiff.evaluate import main as evaluate_main, psnr, ssim, wilson_interval
+from tendiff.attacks import pgd_bpda
+from tendiff.defense import vote, vote_seeds
+from tendiff.diffusion import GaussianDiffusion
+from tendiff.evaluate import CLASSICAL_HEADING, EvalConfig, load_defenses, main as evaluate_main, psnr, ssim, wilson_interval
 from tendiff.unet import UNet, preset, unet_from_dense
 
 
@@ -48,33 +51,85 @@ def test_evaluation_end_to_end(tiny_world, capsys):
     out = tiny_world / "results"
     evaluate_main(["--dataset", "mnist", "--n", "12", "--n-attack", "4", "--seeds", "2", "--t-star", "20",
                    "--steps", "2", "--pgd-steps", "2", "--adaptive-steps", "1", "--adaptive-eot", "1",
-                   "--corruptions", "none", "gaussian", "salt_pepper", "pgd_linf", "adaptive",
+                   "--exact-steps", "1", "--exact-eot", "1",
+                   "--corruptions", "none", "gaussian", "salt_pepper", "pgd_linf", "adaptive", "exact",
                    "--purifiers", "none", "dense", "tt-r2", "tt-r4", "tt-r2/one-step", "dense-cond/guided",
+                   "dense/vote2", "dense/adaptive-t", "median3",
                    "--out", str(out), "--record-metrics"])
     data = json.loads((out / "results.json").read_text())["results"][0]
     assert data["missing"] == ["tt-r4"]
-    purifiers = {"none", "dense", "tt-r2", "tt-r2/one-step", "dense-cond/guided"}
+    purifiers = {"none", "dense", "tt-r2", "tt-r2/one-step", "dense-cond/guided", "dense/vote2", "dense/adaptive-t",
+                 "median3"}
     assert {c["purifier"] for c in data["cells"]} == purifiers
-    assert len(data["cells"]) == 5 * len(purifiers)
+    skipped = {(s["corruption"], s["purifier"]) for s in data["skipped"]}
+    assert skipped == {("adaptive", "median3"), ("adaptive", "dense/adaptive-t"), ("exact", "dense-cond/guided")}
+    assert len(data["cells"]) == 6 * len(purifiers) - len(skipped)
+    cells = {(c["corruption"], c["purifier"]): c for c in data["cells"]}
     for c in data["cells"]:
+        attack = c["corruption"] in ("pgd_linf", "adaptive", "exact")
         assert 0 <= c["ci95"][0] <= c["accuracy"] <= c["ci95"][1] <= 1
-        assert c["n"] == (4 if c["corruption"] in ("pgd_linf", "adaptive") else 12)
-        assert c["seeds"] == (1 if c["purifier"] == "none" else 2)
+        assert c["n"] == (4 if attack else 12)
+        assert c["seeds"] == (1 if c["purifier"] in ("none", "median3") else 2)
         assert c["worst_of_seeds"] <= c["accuracy"] + 1e-9
-    clean_none = next(c for c in data["cells"] if c["corruption"] == "none" and c["purifier"] == "none")
+        assert c["seconds"] > 0 and ("attack_seconds" in c) == attack
+    assert "exactly through the defense" in cells[("exact", "dense")]["threat_model"]
+    assert "piecewise-constant" in cells[("exact", "dense/adaptive-t")]["threat_model"]
+    assert "BPDA" in cells[("exact", "median3")]["threat_model"] and "BPDA" in cells[("exact", "none")]["threat_model"]
+    assert cells[("exact", "dense/vote2")]["attack_crafted_for"] == "dense"  # the purification it repeats
+    assert cells[("exact", "dense")]["attack_crafted_for"] == "dense"
+    assert cells[("pgd_linf", "dense")]["attack_crafted_for"] is None  # shared: crafted on the classifier
+    clean_none = cells[("none", "none")]
     assert clean_none["psnr"] == pytest.approx(100.0)  # unpurified clean image: identical
     costs = {c["purifier"]: c for c in data["costs"]}
     assert costs["tt-r2"]["parameters"] < costs["dense"]["parameters"]
     assert costs["tt-r2"]["macs_per_forward"] < costs["dense"]["macs_per_forward"]
     assert costs["tt-r2/one-step"]["forwards_per_image"] == 1
+    assert costs["dense/vote2"]["forwards_per_image"] == 2 * costs["dense"]["forwards_per_image"]
+    assert costs["median3"]["parameters"] == 0 and costs["median3"]["s_per_image_b1"] > 0
     md = (out / "results.md").read_text()
     assert "Transfer: the attack sees only the classifier" in md and "Adaptive: the attack sees the purifier" in md
     assert "Not evaluated (checkpoint missing): tt-r4" in md
+    assert "### Adaptive attacks" in md and "BPDA (Athalye et al. 2018)" in md
+    assert md.index("| dense/vote2 |") < md.index(f"| **{CLASSICAL_HEADING}** |") < md.index("| median3 |")
+    assert "Not run in the PGD+EOT (adaptive, surrogate) column: median3: no diffusion model" in md
     assert (out / "figures" / "mnist_accuracy.png").stat().st_size > 1000
     assert "![figures/mnist_accuracy.png](figures/mnist_accuracy.png)" in md
     assert len((out / "results.csv").read_text().splitlines()) == 1 + len(data["cells"])
     manifest = ckpt.read_manifest()
     assert "acc_gaussian_t20_ddim2" in manifest["checkpoints"]["mnist_tt-r2.safetensors"]["metrics"]
+
+
+def test_vote_defense_votes_over_its_seeds(tiny_world):
+    cfg = EvalConfig(t_star=20, steps=1, purifiers=("dense", "dense/vote3"))
+    diffusion, x = GaussianDiffusion(), torch.rand(6, 1, 28, 28)
+    single, voted = load_defenses(cfg, diffusion, torch.zeros(6, dtype=torch.long))[0]
+    assert (single.votes, voted.votes) == (1, 3) and single.model is voted.model
+    classifier = ckpt.load_model(ckpt.checkpoint_name("mnist", "classifier"))
+    runs = torch.stack([single.predict(classifier, x, s) for s in vote_seeds(5, 3)])
+    assert torch.equal(voted.predict(classifier, x, 5), vote(runs, 10)[0])
+    assert torch.equal(voted.purify(x, 5), single.purify(x, 5))
+
+
+def test_classical_purifier_without_its_library_is_missing(tiny_world, monkeypatch):
+    monkeypatch.setattr(classical, "available", lambda name: name != "bm3d")
+    cfg = EvalConfig(purifiers=("none", "median3", "bm3d", "tt-r4"))
+    defenses, missing = load_defenses(cfg, GaussianDiffusion(), torch.zeros(1, dtype=torch.long))
+    assert [(d.name, d.kind, d.parameters) for d in defenses] == [("none", "none", 0), ("median3", "classical", 0)]
+    assert missing == ["bm3d", "tt-r4"] and not defenses[1].stochastic and not defenses[1].differentiable
+
+
+def test_bpda_runs_the_purifier_forward_and_stays_in_the_ball():
+    torch.manual_seed(0)
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    seen = []
+
+    def purify(v):
+        seen.append(v.clone())
+        return (v * 0.5).round() * 2 / 2  # piecewise constant: its true gradient is zero
+    adv = pgd_bpda(classifier, purify, x, y, eps=0.1, steps=3, seed=1)
+    assert len(seen) == 3 and (adv - x).abs().max() <= 0.1 + 1e-6 and 0 <= adv.min() and adv.max() <= 1
+    assert not torch.equal(adv, x) and torch.equal(adv, pgd_bpda(classifier, purify, x, y, 0.1, 3, seed=1))
 
 
 def test_merge_keeps_other_datasets_with_their_commands(tiny_world, capsys):
