@@ -309,7 +309,7 @@ class Evaluation:
         self.images = test.float_images(order[:n_max])
         self.labels = test.labels[order[:n_max]]
         self.defenses, self.missing = load_defenses(cfg, self.diffusion, self.labels)
-        self.attacks: dict[tuple, tuple[torch.Tensor, float]] = {}  # per-defense attacks, by attack_key
+        self.attacks: dict[tuple, tuple[torch.Tensor, float, str]] = {}  # see attack_for
 
     def n_for(self, corruption: str) -> int:
         return self.cfg.n_attack if corruption in ATTACKS else self.cfg.n
@@ -330,7 +330,7 @@ class Evaluation:
             return attacks.autoattack_l2(self.classifier, x, y, s["autoattack_l2"], cfg.autoattack_version, seed)
         if corruption == "adaptive":
             return self._chunked(x, y, lambda xs, ys, sd: attacks.pgd_eot_ddim_surrogate(
-                self.classifier, defense.model, self.diffusion, xs, ys, s["pgd_linf"], cfg.t_star,
+                self.classifier, defense.model, self.diffusion, xs, ys, s["pgd_linf"], defense.t_star,
                 steps=cfg.adaptive_steps, eot=cfg.adaptive_eot, surrogate_steps=cfg.surrogate_steps, seed=sd))
         if corruption == "exact":
             return self._chunked(x, y, lambda xs, ys, sd: defense.exact_attack(

@@ -32,7 +32,7 @@ from .diffusion import GaussianDiffusion, ScheduleConfig
 from .protocol import model_label as protocol_label
 from .runtime import tune_allocator
 from .tt import LAYOUTS
-from .unet import UNet, grow_blocks, preset, unet_from_dense
+from .unet import UNet, preset, unet_from_dense
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,9 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--conv", default="dense", choices=("dense",) + LAYOUTS, help="purifier convolutions")
     p.add_argument("--rank", type=int, default=2, help="TT rank (every bond)")
     p.add_argument("--init-from", help="dense purifier checkpoint to TT-SVD from (else from scratch)")
-    p.add_argument("--blocks", type=int, default=None,
-                   help="residual blocks per level (default: the preset's or --init-from's, 1); more than "
-                        "--init-from has adds blocks that start as identities")
     p.add_argument("--distill-from",
                    help="purifier checkpoint whose noise estimate is the regression target instead of "
                         "the sampled noise (distillation: the same minimiser, far less gradient noise)")
@@ -82,7 +79,6 @@ def model_label(args) -> str:
     if args.what == "classifier":
         return "classifier"
     label = protocol_label(args.conv, args.rank)
-    label += f"-b{args.blocks}" if args.blocks and args.blocks > 1 else ""
     return label + ("-cond" if args.conditional else "")
 
 
@@ -206,9 +202,7 @@ def train(args: argparse.Namespace) -> dict:
             else:
                 model = dense
         else:
-            model = UNet(preset(args.dataset, args.conv, args.rank, num_classes=num_classes, blocks=args.blocks or 1))
-        if args.blocks and args.blocks != model.config.blocks:
-            model = grow_blocks(model, args.blocks)
+            model = UNet(preset(args.dataset, args.conv, args.rank, num_classes=num_classes))
         if args.conditional and model.config.num_classes == 0:
             raise SystemExit("--conditional with --init-from takes a dense checkpoint (TT conditional models are not offered)")
         peak_lr = args.lr or (1e-3 if args.init_from else 2e-3)

@@ -41,7 +41,6 @@ class UNetConfig:
     conv: str = "dense"  # "dense", "tt" (one core per mode) or "authors" (authors' layout)
     rank: int = 2
     mode: str = "auto"  # TT execution mode, see tendiff.tt
-    blocks: int = 1  # residual blocks per level (encoder, middle, decoder)
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -50,8 +49,6 @@ class UNetConfig:
         if self.image_size % (2 ** (len(self.channels) - 1)):
             raise ValueError(f"image_size {self.image_size} is not divisible by "
                              f"2^{len(self.channels) - 1} (one halving per extra level)")
-        if self.blocks < 1:
-            raise ValueError(f"blocks (per level) must be >= 1, got {self.blocks}")
         if any(c % self.groups for c in self.channels):
             raise ValueError(f"every width in {self.channels} must be divisible by groups={self.groups}")
 
@@ -60,6 +57,9 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
+        d = dict(d)
+        if d.pop("blocks", 1) != 1:  # (older configs name the one residual block per level)
+            raise ValueError("U-Nets with more than one residual block per level are no longer supported")
         return cls(**d)
 
     @property
@@ -178,12 +178,6 @@ class UNet(nn.Module):
         self.mid = ResBlock(cfg, ch[-1])
         self.up = nn.ModuleList([_resize_channels(b, a) for a, b in zip(ch[:-1], ch[1:])])
         self.dec = nn.ModuleList([ResBlock(cfg, c) for c in ch[:-1]])
-        if cfg.blocks > 1:  # (separate lists, so that one-block models keep their state-dict keys)
-            def more(c):
-                return nn.ModuleList([ResBlock(cfg, c) for _ in range(cfg.blocks - 1)])
-            self.enc_more = nn.ModuleList([more(c) for c in ch[:-1]])
-            self.mid_more = more(ch[-1])
-            self.dec_more = nn.ModuleList([more(c) for c in ch[:-1]])
         self.head_norm = nn.GroupNorm(cfg.groups, ch[0])
         self.head = nn.Conv2d(ch[0], cfg.in_channels, 3, 1, 1)
         # Start as the zero predictor: the loss begins at E|eps|^2 = 1 and training is stable.
@@ -196,21 +190,9 @@ class UNet(nn.Module):
     def null_label(self) -> int:
         return self.config.num_classes
 
-    def _level(self, where: str, i: int | None = None) -> list[ResBlock]:
-        """The residual blocks of one level, in the order they run."""
-        first = getattr(self, where) if i is None else getattr(self, where)[i]
-        if self.config.blocks == 1:
-            return [first]
-        more = getattr(self, where + "_more")
-        return [first, *(more if i is None else more[i])]
-
     def blocks(self) -> list[ResBlock]:
         """Every residual block, in the order forward runs them (the decoder from the bottom up)."""
-        if self.config.blocks == 1:  # (the fast path: this runs on every sampler step)
-            return [*self.enc, self.mid, *reversed(self.dec)]
-        levels = range(len(self.enc))
-        return ([b for i in levels for b in self._level("enc", i)] + self._level("mid")
-                + [b for i in reversed(levels) for b in self._level("dec", i)])
+        return [*self.enc, self.mid, *reversed(self.dec)]
 
     def time_biases(self, t: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype) -> list[torch.Tensor]:
         """Each block's per-channel time (and label) offset, in :meth:`blocks` order: (1, C)
@@ -257,17 +239,13 @@ class UNet(nn.Module):
         biases = iter(time_biases)  # in blocks() order, which is the order they run in
         h = few_channel_conv(self.stem, x).contiguous(memory_format=self.memory_format)
         skips = []
-        for i, down in enumerate(self.down):
-            for block in self._level("enc", i):
-                h = block(h, next(biases))
+        for block, down in zip(self.enc, self.down):
+            h = block(h, next(biases))
             skips.append(h)
             h = down(downsample(h))
-        for block in self._level("mid"):
-            h = block(h, next(biases))
+        h = self.mid(h, next(biases))
         for i in reversed(range(len(self.up))):
-            h = self.up[i](upsample(h)) + skips[i]
-            for block in self._level("dec", i):
-                h = block(h, next(biases))
+            h = self.dec[i](self.up[i](upsample(h)) + skips[i], next(biases))
         return few_channel_conv(self.head, F.silu(self.head_norm(h), inplace=not torch.is_grad_enabled()))
 
     def num_parameters(self) -> int:
@@ -295,18 +273,18 @@ class UNet(nn.Module):
             raise ValueError(f"{height}x{width} is not divisible by {scale} (one halving per extra level)")
         sizes = [(height // 2 ** i, width // 2 ** i) for i in range(len(cfg.channels))]
 
-        def blocks_macs(blocks, size) -> int:
-            return sum(layer_macs(b.conv1, *size) + layer_macs(b.conv2, *size) for b in blocks)
+        def block_macs(block, size) -> int:
+            return layer_macs(block.conv1, *size) + layer_macs(block.conv2, *size)
 
         total = layer_macs(self.time_mlp[0], 1, 1) + sum(layer_macs(b.time_proj, 1, 1) for b in self.blocks())
         total += layer_macs(self.stem, *sizes[0])
         for i, down in enumerate(self.down):
-            total += blocks_macs(self._level("enc", i), sizes[i])
+            total += block_macs(self.enc[i], sizes[i])
             total += layer_macs(down, *sizes[i + 1])  # (after the pooling)
-        total += blocks_macs(self._level("mid"), sizes[-1])
+        total += block_macs(self.mid, sizes[-1])
         for i in reversed(range(len(self.up))):
             total += layer_macs(self.up[i], *sizes[i])  # (after the upsampling)
-            total += blocks_macs(self._level("dec", i), sizes[i])
+            total += block_macs(self.dec[i], sizes[i])
         return total + layer_macs(self.head, *sizes[0])
 
     def use_channels_last(self, enabled: bool = True) -> "UNet":
@@ -347,32 +325,6 @@ def unet_from_dense(dense: UNet, rank, layout: str = "tt", mode: str = "auto") -
     model = tensorize(copy.deepcopy(dense), rank=rank, layout=layout, mode=mode, min_channels=MIN_TT_CHANNELS)
     model.config = replace(dense.config, conv=layout, rank=int(rank), mode=mode)
     return model
-
-
-def grow_blocks(model: UNet, blocks: int) -> UNet:
-    """A copy of ``model`` with ``blocks`` residual blocks per level: its own blocks keep their
-    weights and run first, and each new block starts as the identity (the factor of its last
-    conv next to the output is zero, as in zero-initialised residual branches; the rest is
-    randomly initialised, so gradients flow from the first step), so the grown model computes
-    exactly what ``model`` did and fine-tuning starts from there."""
-    if blocks < model.config.blocks:
-        raise ValueError(f"cannot shrink {model.config.blocks} blocks per level to {blocks}")
-    like = next(model.parameters())
-    grown = UNet(replace(model.config, blocks=blocks)).to(device=like.device, dtype=like.dtype)
-    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    if unexpected:
-        raise ValueError(f"unexpected weights {unexpected}")
-    with torch.no_grad():
-        for name, block in grown.named_modules():
-            if isinstance(block, ResBlock) and f"{name}.norm1.weight" in missing:
-                conv = block.conv2
-                if isinstance(conv, TTConv2d):
-                    conv.cores[-1 if conv.layout == "tt" else 0].zero_()
-                else:
-                    conv.weight.zero_()
-                if conv.bias is not None:
-                    conv.bias.zero_()
-    return grown.use_channels_last(model.memory_format == torch.channels_last)
 
 
 PRESETS: dict[str, UNetConfig] = {

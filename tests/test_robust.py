@@ -268,7 +268,7 @@ def _flop_counter_macs(model: UNet, size: int) -> int:
 @pytest.mark.parametrize("cfg", [
     preset("mnist"),
     preset("cifar10"),
-    UNetConfig(in_channels=3, image_size=16, channels=(8, 16, 24), time_dim=8, groups=4, blocks=2),
+    UNetConfig(in_channels=3, image_size=16, channels=(8, 16, 24), time_dim=8, groups=4),
 ])
 def test_dense_macs_match_the_operators_run(cfg):
     # PyTorch's operator-level counter sees every conv and matrix product, however called

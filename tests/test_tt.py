@@ -4,7 +4,7 @@ from torch import nn
 
 from tendiff.tt import (TTConv2d, channel_modes, count_parameters, dense_param_count, full_ranks, set_mode,
                         tensorize, tt_param_count)
-from tendiff.unet import UNet, preset, unet_from_dense
+from tendiff.unet import UNet, UNetConfig, preset, unet_from_dense
 
 
 def rel_err(a, b):
@@ -265,27 +265,11 @@ def test_time_offsets_cached_per_timestep_follow_weight_updates():
     assert rel_err(updated, uncached) < 1e-12 and rel_err(updated, first) > 1e-6
 
 
-@pytest.mark.parametrize("conv", ["dense", "tt"])
-def test_grown_unet_starts_as_the_original_and_trains_its_new_blocks(conv):
-    from tendiff.unet import grow_blocks
-    model = UNet(preset("mnist", channels=(16, 16))).double()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    if conv == "tt":
-        model = unet_from_dense(model, 2)
-    grown = grow_blocks(model, 3)
-    assert len(grown.blocks()) == 3 * len(model.blocks()) and grown.config.blocks == 3
-    x, t = torch.randn(2, 1, 28, 28, dtype=torch.double), torch.tensor([5, 300])
-    assert rel_err(grown(x, t), model(x, t)) < 1e-12  # the new blocks start as identities
-    grown(x, t).square().sum().backward()
-    new_block = grown.enc_more[0][0]
-    last = new_block.conv2.cores[-1] if conv == "tt" else new_block.conv2.weight
-    assert last.grad.abs().sum() > 0  # ... that the first step moves
-    # Saved and rebuilt from its config (as a checkpoint is), it loads into the same layout.
-    rebuilt = UNet(grown.config).double()
-    rebuilt.load_state_dict(grown.state_dict())
-    with pytest.raises(ValueError, match="shrink"):
-        grow_blocks(grown, 2)
+def test_configs_saved_with_one_block_per_level_still_load():
+    d = preset("mnist").to_dict() | {"blocks": 1}
+    assert UNetConfig.from_dict(d) == preset("mnist")
+    with pytest.raises(ValueError, match="no longer supported"):
+        UNetConfig.from_dict(d | {"blocks": 2})
 
 
 def test_resampling_matches_the_reference_ops():
