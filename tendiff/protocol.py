@@ -27,7 +27,7 @@ T_STAR = {"mnist": 200, "fashion_mnist": 250, "cifar10": 100}
 
 # The input-adaptive t* rule (tendiff.adaptive); its factor chosen on held-out images
 # (scripts/sweep_t_star.py --adaptive, docs/training.md).
-ADAPTIVE_T_STAR = AdaptiveTStar(factor=1.0)
+ADAPTIVE_T_STAR = AdaptiveTStar(factor=1.5)
 
 
 @dataclass(frozen=True)

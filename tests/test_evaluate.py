@@ -131,3 +131,27 @@ def test_bpda_runs_the_purifier_forward_and_stays_in_the_ball():
     assert len(seen) == 3 and (adv - x).abs().max() <= 0.1 + 1e-6 and 0 <= adv.min() and adv.max() <= 1
     start = pgd_bpda(classifier, purify, x, y, eps=0.1, steps=0, seed=1)  # the random start alone
     assert not torch.equal(adv, start) and torch.equal(adv, pgd_bpda(classifier, purify, x, y, 0.1, 3, seed=1))
+
+
+def test_merge_keeps_other_datasets_with_their_commands(tiny_world, capsys):
+    out = tiny_world / "results"
+    args = ["--n", "4", "--seeds", "1", "--t-star", "10", "--steps", "1", "--corruptions", "none", "gaussian",
+            "--purifiers", "none", "dense", "--no-timing", "--out", str(out)]
+    evaluate_main(["--dataset", "mnist"] + args)
+    other = json.loads((out / "results.json").read_text())
+    fake = json.loads(json.dumps(other["results"][0]))
+    fake["config"]["dataset"] = "cifar10"
+    fake["command"] = "python -m tendiff.evaluate --dataset cifar10 (earlier run)"
+    other["results"].append(fake)
+    (out / "results.json").write_text(json.dumps(other))
+    evaluate_main(["--dataset", "mnist", "--merge"] + args)  # replaces mnist, keeps cifar10
+    merged = json.loads((out / "results.json").read_text())["results"]
+    assert [r["config"]["dataset"] for r in merged] == ["mnist", "cifar10"]
+    md = (out / "results.md").read_text()
+    assert "(earlier run)" in md and "--merge" in md and "## cifar10" in md
+    capsys.readouterr()
+    evaluate_main(["--summarize", str(out / "results.json")])
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith("| dataset | purifier | clean | Gaussian |")
+    assert [row.split(" | ")[:2] for row in table[2:]] == [["| mnist", "none"], ["| mnist", "dense"],
+                                                           ["| cifar10", "none"], ["| cifar10", "dense"]]
