@@ -22,11 +22,11 @@ STRENGTH = {
 }
 
 # Diffusion depth per dataset, chosen on held-out test images by scripts/sweep_t_star.py (the
-# rule and the numbers: docs/training.md).
+# rule and the numbers: docs/t_star.md, docs/history.md).
 T_STAR = {"mnist": 200, "fashion_mnist": 250, "cifar10": 100}
 
 # The input-adaptive t* rule (tendiff.adaptive); its factor chosen on held-out images
-# (scripts/sweep_t_star.py --adaptive, docs/training.md).
+# (scripts/sweep_t_star.py --adaptive, docs/t_star.md).
 ADAPTIVE_T_STAR = AdaptiveTStar(factor=1.5)
 
 
