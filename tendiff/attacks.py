@@ -14,14 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .checks import check_float
 from .diffusion import GaussianDiffusion, purify_batch
-
-def _check_range(name: str, value: float, lo: float, hi: float) -> float:
-    value = float(value)
-    if not lo <= value <= hi:  # also refuses NaN
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return value
-
 
 def _check_images(x: torch.Tensor) -> torch.Tensor:
     if x.ndim != 4:
@@ -35,7 +29,7 @@ def _check_images(x: torch.Tensor) -> torch.Tensor:
 
 def gaussian_noise(x: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
     """x + N(0, sigma^2) per pixel and channel, clipped to [0, 1]."""
-    sigma = _check_range("sigma", sigma, 0.0, 1.0)
+    sigma = check_float("sigma", sigma, 0.0, 1.0)
     g = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(_check_images(x).shape, generator=g).to(x.device, x.dtype)
     return (x + sigma * noise).clamp(0, 1)
@@ -44,7 +38,7 @@ def gaussian_noise(x: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor
 def salt_and_pepper(x: torch.Tensor, p: float, seed: int = 0) -> torch.Tensor:
     """Each *pixel* (all its channels together) becomes white or black with probability p,
     half each."""
-    p = _check_range("p", p, 0.0, 1.0)
+    p = check_float("p", p, 0.0, 1.0)
     g = torch.Generator().manual_seed(int(seed))
     b, _, h, w = _check_images(x).shape
     hit = (torch.rand((b, 1, h, w), generator=g) < p).to(x.device)
@@ -66,15 +60,15 @@ def pgd_linf(classifier, x, y, eps: float, alpha: float | None = None, steps: in
     2.5 eps / steps."""
     import torchattacks
 
-    eps = _check_range("eps", eps, 0.0, 1.0)
-    alpha = 2.5 * eps / steps if alpha is None else _check_range("alpha", alpha, 0.0, 1.0)
+    eps = check_float("eps", eps, 0.0, 1.0)
+    alpha = 2.5 * eps / steps if alpha is None else check_float("alpha", alpha, 0.0, 1.0)
     return _run_torchattack(torchattacks.PGD(classifier.eval(), eps=eps, alpha=alpha, steps=int(steps)), x, y, seed)
 
 
 def pgd_l2(classifier, x, y, eps: float, alpha: float | None = None, steps: int = 10, seed: int = 0):
     import torchattacks
 
-    eps = _check_range("eps", eps, 0.0, 100.0)
+    eps = check_float("eps", eps, 0.0, 100.0)
     alpha = 2.5 * eps / steps if alpha is None else float(alpha)
     return _run_torchattack(torchattacks.PGDL2(classifier.eval(), eps=eps, alpha=alpha, steps=int(steps)), x, y, seed)
 
@@ -83,7 +77,7 @@ def autoattack_l2(classifier, x, y, eps: float = 0.5, version: str = "standard",
     """AutoAttack (Croce & Hein 2020) L2 on the bare classifier: the authors' attack."""
     import torchattacks
 
-    eps = _check_range("eps", eps, 0.0, 100.0)
+    eps = check_float("eps", eps, 0.0, 100.0)
     attack = torchattacks.AutoAttack(classifier.eval(), norm="L2", eps=eps, version=version, n_classes=10, seed=int(seed))
     return _run_torchattack(attack, x, y, seed)
 
@@ -99,7 +93,7 @@ def pgd_eot_ddim_surrogate(classifier, purifier, diffusion: GaussianDiffusion, x
     steps, so this attack transfers from the surrogate to it). Cost per PGD step:
     eot * (surrogate_steps + 1) purifier-and-classifier forward/backward passes.
     """
-    eps = _check_range("eps", eps, 0.0, 1.0)
+    eps = check_float("eps", eps, 0.0, 1.0)
     alpha = 2.5 * eps / steps if alpha is None else float(alpha)
     x = _check_images(x).detach()
     classifier.eval()
@@ -192,11 +186,11 @@ def pgd_eot_exact(classifier, purifier, diffusion: GaussianDiffusion, x, y, eps:
     """
     if norm not in ("linf", "l2"):
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
-    eps = _check_range("eps", eps, 0.0, 1.0 if norm == "linf" else 100.0)
+    eps = check_float("eps", eps, 0.0, 1.0 if norm == "linf" else 100.0)
     steps, eot = int(steps), int(eot)
     if steps < 0 or eot < 1:
         raise ValueError(f"need steps >= 0 and eot >= 1, got steps={steps}, eot={eot}")
-    alpha = 2.5 * eps / max(steps, 1) if alpha is None else _check_range("alpha", alpha, 0.0, 100.0)
+    alpha = 2.5 * eps / max(steps, 1) if alpha is None else check_float("alpha", alpha, 0.0, 100.0)
     x = _check_images(x).detach()
     classifier.eval()
     purifier.eval()
@@ -236,8 +230,8 @@ def pgd_linf_from_grad(x, grad_fn, eps: float, steps: int, alpha: float | None =
     """PGD L-inf driven by ``grad_fn(x_adv, it)`` (the gradient of the loss to ascend at PGD step
     ``it``): a uniformly random start in the eps-ball (seeded by ``seed``), then ``steps`` signed
     steps of size ``alpha`` (default 2.5 eps / steps), each projected onto the ball and [0, 1]."""
-    eps = _check_range("eps", eps, 0.0, 1.0)
-    alpha = 2.5 * eps / max(int(steps), 1) if alpha is None else _check_range("alpha", alpha, 0.0, 1.0)
+    eps = check_float("eps", eps, 0.0, 1.0)
+    alpha = 2.5 * eps / max(int(steps), 1) if alpha is None else check_float("alpha", alpha, 0.0, 1.0)
     x = _check_images(x).detach()
     g = torch.Generator().manual_seed(int(seed))
     x_adv = (x + eps * (torch.rand(x.shape, generator=g, dtype=x.dtype) * 2 - 1).to(x.device)).clamp(0, 1)

@@ -10,7 +10,6 @@ faster than the best dense configuration.
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import statistics
 import time
@@ -18,7 +17,7 @@ import time
 import torch
 
 from .diffusion import GaussianDiffusion, purify_batch
-from .runtime import tune_allocator
+from .runtime import machine, tune_allocator
 from .tt import MODES, TTConv2d, set_mode
 from .unet import UNet, preset
 
@@ -302,8 +301,7 @@ def main(argv=None):
         import tempfile
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="tendiff-inductor-")
     torch.manual_seed(0)
-    print(f"# tendiff.bench on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, dataset {args.dataset}, "
+    print(f"# tendiff.bench on {machine()}, dataset {args.dataset}, "
           f"allocator {'tuned (tendiff.runtime)' if tuned else 'glibc defaults'}")
     bs = args.batch_sizes
     cols = [c for b in bs for c in (f"b{b}_ms", f"b{b}_x")]

@@ -60,6 +60,8 @@ def _per_image(x: torch.Tensor, fn, value) -> torch.Tensor:
     values = estimate_noise(x).tolist() if value is None else [float(value)] * len(x)
     a = _to_numpy(x).transpose(0, 2, 3, 1)
     out = np.stack([fn(img, v) for img, v in zip(a, values)])
+    if not np.isfinite(out).all():  # fail loudly rather than hand NaN to the classifier
+        raise RuntimeError(f"classical purifier {fn.__qualname__} produced non-finite values")
     return _to_torch(out.transpose(0, 3, 1, 2), x)
 
 
@@ -168,7 +170,12 @@ def bm3d(x: torch.Tensor, sigma_psd: float | None = None) -> torch.Tensor:
             return img  # nothing to remove (and BM3D needs a positive noise level)
         if img.shape[-1] == 1:
             return _unsqueeze(np.asarray(lib.bm3d(img[..., 0], sigma_psd=s, profile=profile)))
-        return np.asarray(lib.bm3d_rgb(img, sigma_psd=s, profile=profile))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = np.asarray(lib.bm3d_rgb(img, sigma_psd=s, profile=profile))
+        if np.isfinite(out).all():
+            return out
+        # CBM3D scales each colour-opponent channel by its range: 0/0 on a gray (R = G = B) image
+        return np.stack([lib.bm3d(img[..., ch], sigma_psd=s, profile=profile) for ch in range(3)], -1)
 
     return _per_image(x, run, sigma_psd)
 

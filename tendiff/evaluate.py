@@ -26,7 +26,6 @@ import argparse
 import csv
 import json
 import math
-import platform
 import re
 import shlex
 import sys
@@ -47,7 +46,7 @@ from .data import DATASETS, load_dataset
 from .defense import resubmission_accuracy, vote, vote_seeds
 from .diffusion import GaussianDiffusion, purify_chunks
 from .protocol import ADAPTIVE_T_STAR, CORRUPTIONS as PROTOCOL, LADDER, STRENGTH, T_STAR, corrupt
-from .runtime import tune_allocator
+from .runtime import machine, tune_allocator
 
 CORRUPTIONS = ("none", "gaussian", "salt_pepper", "pgd_linf", "autoattack_l2", "adaptive", "exact")
 PURIFIERS = ("none", "dense", "dense/adaptive-t", "dense/vote8", *LADDER, "tt-r2/one-step", "dense-cond/guided",
@@ -718,11 +717,6 @@ def figures(result: dict, out_dir: Path) -> list[str]:
         fig.savefig(out_dir / names[-1], dpi=110)
         plt.close(fig)
     return names
-
-
-def machine() -> str:
-    return (f"{platform.node() or 'this machine'} ({platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__})")
 
 
 def read_results(path: Path) -> list[dict]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +31,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import attacks
+from .checks import check_float, check_int
 from .checkpoints import CheckpointNotFoundError, checkpoint_name, load_model, manifest_path, read_manifest
 from .classifiers import predict
 from .data import CLASS_NAMES, DATASETS, IMAGE_SHAPE, check_dataset
@@ -64,30 +64,6 @@ class Limits:
     max_seed: int = 2 ** 31 - 1
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {value!r}")
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {value!r}") from None
-    if not math.isfinite(f) or f != int(f):
-        raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {value!r}")
-    if not lo <= int(f) <= hi:
-        raise ValueError(f"{name} must be in {lo}..{hi}, got {int(f)}")
-    return int(f)
-
-
-def _check_float(name: str, value: Any, lo: float, hi: float) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value!r}") from None
-    if isinstance(value, bool) or not lo <= f <= hi:  # also refuses NaN
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
-    return f
-
-
 def check_label(dataset: str, label: Any) -> int | None:
     """A true label as a class index (None: unknown). Accepts an index or a class name."""
     if label is None or label == "" or (isinstance(label, str) and label.startswith("unknown")):
@@ -95,7 +71,7 @@ def check_label(dataset: str, label: Any) -> int | None:
     names = CLASS_NAMES[dataset]
     if isinstance(label, str) and label in names:
         return names.index(label)
-    return _check_int("true label", label, 0, len(names) - 1)
+    return check_int("true label", label, 0, len(names) - 1)
 
 
 @dataclass(frozen=True)
@@ -114,12 +90,12 @@ class CorruptionSpec:
         max_steps = limits.max_adaptive_steps if self.kind == "adaptive" else limits.max_attack_steps
         return replace(
             self,
-            sigma=_check_float("sigma", self.sigma, 0.0, 1.0),
-            p=_check_float("p", self.p, 0.0, 1.0),
-            eps=_check_float("eps", self.eps, 0.0, 1.0),
-            attack_steps=_check_int("attack steps", self.attack_steps, 1, max_steps),
-            eot=_check_int("EOT samples", self.eot, 1, limits.max_eot),
-            surrogate_steps=_check_int("surrogate DDIM steps", self.surrogate_steps, 1, limits.max_surrogate_steps),
+            sigma=check_float("sigma", self.sigma, 0.0, 1.0),
+            p=check_float("p", self.p, 0.0, 1.0),
+            eps=check_float("eps", self.eps, 0.0, 1.0),
+            attack_steps=check_int("attack steps", self.attack_steps, 1, max_steps),
+            eot=check_int("EOT samples", self.eot, 1, limits.max_eot),
+            surrogate_steps=check_int("surrogate DDIM steps", self.surrogate_steps, 1, limits.max_surrogate_steps),
         )
 
     def key(self) -> tuple:
@@ -173,11 +149,11 @@ class PurifySpec:
                 raise ValueError("t* is None (the dataset's default) but no dataset was given")
             t_star = T_STAR[check_dataset(dataset)]
         if t_star != "auto":
-            t_star = _check_int("t*", t_star, 1, num_timesteps)
+            t_star = check_int("t*", t_star, 1, num_timesteps)
         max_steps = ADAPTIVE_T_STAR.t_min if t_star == "auto" else t_star
-        steps = 1 if self.method == "one-step" else _check_int(
+        steps = 1 if self.method == "one-step" else check_int(
             "number of reverse steps", self.steps, 1, min(limits.max_reverse_steps, max_steps))
-        return replace(self, t_star=t_star, steps=steps, seed=_check_int("seed", self.seed, 0, limits.max_seed))
+        return replace(self, t_star=t_star, steps=steps, seed=check_int("seed", self.seed, 0, limits.max_seed))
 
 
 # ------------------------------------------------------------------------------ images
@@ -536,7 +512,7 @@ class Studio:
         check_dataset(dataset)
         spec = params if isinstance(params, CorruptionSpec) else CorruptionSpec.from_params(kind, params)
         spec = replace(spec, kind=kind).validated(self.limits)
-        seed = _check_int("seed", seed, 0, self.limits.max_seed)
+        seed = check_int("seed", seed, 0, self.limits.max_seed)
         if spec.kind == "adaptive":
             if model in CLASSICAL:
                 raise ValueError("the adaptive attack differentiates through a diffusion purifier; pick one, or "
@@ -544,7 +520,7 @@ class Studio:
             parse_model_label(model)
             # An adaptive t* is attacked through the dataset's fixed t* (the surrogate's depth).
             t_star = T_STAR[dataset] if t_star in (None, "auto") else t_star
-            t_star = _check_int("t*", t_star, 1, self.num_timesteps)
+            t_star = check_int("t*", t_star, 1, self.num_timesteps)
         key = ("corrupt", dataset, image_hash(x), y, spec.key(), seed,
                (model, t_star, self._sha(checkpoint_name(dataset, model))) if spec.kind == "adaptive" else None,
                self._sha(checkpoint_name(dataset, "classifier")) if spec.kind in ("pgd_linf", "adaptive") else None)
@@ -757,7 +733,7 @@ class Studio:
         if true_label is None:
             raise ValueError("the guidance lesson needs the true label; pick an example or set the label")
         wrong_label = (true_label + 1) % 10 if wrong_label is None else check_label(dataset, wrong_label)
-        scale = _check_float("guidance scale", guidance_scale, 0.0, 20.0)
+        scale = check_float("guidance scale", guidance_scale, 0.0, 20.0)
         spec = replace(spec, model="dense").validated(self.num_timesteps, self.limits, dataset)
         name = checkpoint_name(dataset, "dense-cond")
         if name not in self.manifest_entries():

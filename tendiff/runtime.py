@@ -42,3 +42,12 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):
         _tuned = False
     return _tuned
+
+
+def machine() -> str:
+    """What a measurement ran on, for records: the GPU(s) in use, else the CPU and its threads."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"

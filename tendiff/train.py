@@ -13,7 +13,6 @@ import argparse
 import copy
 import math
 import os
-import platform
 import shlex
 import signal
 import sys
@@ -30,7 +29,7 @@ from .classifiers import build_classifier, predict
 from .data import DATASETS, load_dataset
 from .diffusion import GaussianDiffusion, ScheduleConfig
 from .protocol import model_label as protocol_label
-from .runtime import tune_allocator
+from .runtime import machine, tune_allocator
 from .tt import LAYOUTS
 from .unet import UNet, preset, unet_from_dense
 
@@ -106,12 +105,6 @@ def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str = "cosi
         return peak
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 @torch.no_grad()
@@ -341,7 +334,7 @@ def train(args: argparse.Namespace) -> dict:
     record = {
         "command": "python -m tendiff.train " + " ".join(shlex.quote(a) for a in (args.argv or [])),
         "seed": args.seed, "steps": step, "batch_size": args.batch_size * world,
-        "wall_time_s": round(elapsed, 1), "hardware": hardware(), "torch": torch.__version__,
+        "wall_time_s": round(elapsed, 1), "hardware": machine(), "torch": torch.__version__,
         "t_max": args.t_max if args.what == "purifier" else None,
         "init_from": Path(args.init_from).name if args.init_from else None,
         "distill_from": Path(args.distill_from).name if args.distill_from else None,

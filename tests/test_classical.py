@@ -71,6 +71,13 @@ def test_black_background_with_ties_stays_finite(name):
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_gray_rgb_image_stays_finite(name):
+    x = gaussian_noise(scene(1, 32), 0.1, seed=7).repeat(1, 3, 1, 1)  # R = G = B: CBM3D's 0/0 case
+    out = purify(name, x)
+    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
 def test_explicit_parameter_overrides_the_rule():
     noisy = gaussian_noise(constant(1, 28), 0.1, seed=4)
     assert torch.equal(purify("tv", noisy, weight=0.0), noisy)  # no regularisation: unchanged
