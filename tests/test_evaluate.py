@@ -43,6 +43,10 @@ def test_metrics():
     assert torch.allclose(ssim(x, x), torch.ones(3), atol=1e-4)
     assert ssim(x, torch.rand(3, 1, 16, 16)).max() < 0.5
     assert psnr(x, (x + 0.1).clamp(0, 1)).min() > 19
+    from skimage.metrics import peak_signal_noise_ratio
+    y = (x + 0.05 * torch.randn(x.shape)).clamp(0, 1)
+    sk = [peak_signal_noise_ratio(a.double().numpy(), b.double().numpy(), data_range=1.0) for a, b in zip(x, y)]
+    assert torch.allclose(psnr(y, x).double(), torch.tensor(sk, dtype=torch.double), atol=1e-4)
     lo, hi = wilson_interval(90, 100)
     assert lo < 0.9 < hi and 0.82 < lo and hi < 0.95
 
