@@ -37,14 +37,14 @@ import torch
 from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
-from . import attacks, classical
+from . import attacks, classical, cli
 from . import checkpoints as ckpt
 from .adaptive import purify_adaptive
 from .classical import CLASSICAL
 from .classifiers import predict as class_probabilities
 from .data import DATASETS, load_dataset
 from .defense import resubmission_accuracy, vote, vote_seeds
-from .diffusion import GaussianDiffusion, purify_chunks
+from .diffusion import METHODS, GaussianDiffusion, purify_chunks
 from .protocol import ADAPTIVE_T_STAR, CORRUPTIONS as PROTOCOL, LADDER, STRENGTH, T_STAR, corrupt
 from .runtime import machine, tune_allocator
 
@@ -62,27 +62,34 @@ CLASSICAL_TIMING_IMAGES = 8  # classical purifiers loop over images: a few show 
 
 @dataclass
 class EvalConfig:
-    dataset: str = "mnist"
-    n: int = 1000  # images for clean / noise columns
-    n_attack: int = 200  # images for attack columns
-    seeds: int = 3  # purification runs per image and cell (resubmission)
-    t_star: int = 200
-    steps: int = 10
-    method: str = "ddim"
-    guidance_scale: float = 5.0
-    pgd_steps: int = 40
-    adaptive_steps: int = 20
-    adaptive_eot: int = 4
-    surrogate_steps: int = 2
-    exact_steps: int = 20
-    exact_eot: int = 4
-    autoattack_version: str = "standard"
-    corruptions: tuple = CORRUPTIONS
-    purifiers: tuple = PURIFIERS
-    seed: int = 0
-    batch_size: int = 250
-    timing: bool = True
+    dataset: str = cli.field("mnist", "dataset ('all': each in turn)", choices=DATASETS + ("all",))
+    n: int = cli.field(1000, "images for the columns without an attack")
+    n_attack: int = cli.field(200, "images for attack columns")
+    seeds: int = cli.field(3, "purification runs per image and cell: mean and worst-of-seeds (resubmission) accuracy")
+    t_star: int | None = cli.field(None, "diffusion depth (default: the dataset's t*, chosen on held-out images: "
+                                   + ", ".join(f"{d} {t}" for d, t in T_STAR.items()) + ")", type=int)
+    steps: int = cli.field(10, "reverse steps")
+    method: str = cli.field("ddim", "sampler", choices=METHODS)
+    guidance_scale: float = cli.field(5.0, "classifier-free guidance scale of dense-cond/guided")
+    pgd_steps: int = cli.field(40, "PGD steps of the transfer attack")
+    adaptive_steps: int = cli.field(20, "PGD steps of the surrogate adaptive attack")
+    adaptive_eot: int = cli.field(4, "EOT draws per step of the surrogate adaptive attack")
+    surrogate_steps: int = cli.field(2, "DDIM steps of the surrogate")
+    exact_steps: int = cli.field(20, "PGD steps of the exact column (Lee & Kim's budget: 200 steps, --exact-eot 20)")
+    exact_eot: int = cli.field(4, "EOT draws per step of the exact column")
+    autoattack_version: str = cli.field("standard", "AutoAttack version", choices=("standard", "rand", "plus"))
+    corruptions: tuple = cli.field(CORRUPTIONS, "columns", choices=CORRUPTIONS)
+    purifiers: tuple = cli.field(PURIFIERS, "rows: none, a checkpoint label (dense, tt-r2, ...), <label>/one-step, "
+                                 "<label>/adaptive-t, <label>/vote<K>, dense-cond/guided, or a classical purifier: "
+                                 + ", ".join(CLASSICAL))
+    seed: int = cli.field(0, "seed of the image order, the noises and the attacks")
+    batch_size: int = cli.field(250, "purification chunk")
+    timing: bool = cli.field(True, "skip the per-purifier timings", flag="--no-timing")
     strength: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.t_star is None and self.dataset in T_STAR:
+            self.t_star = T_STAR[self.dataset]
 
 
 # --------------------------------------------------------------- metrics
@@ -754,30 +761,7 @@ def write_outputs(results: list[dict], out_dir: Path, command: str) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m tendiff.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist", choices=DATASETS + ("all",))
-    p.add_argument("--n", type=int, default=1000, help="images for clean and noise columns")
-    p.add_argument("--n-attack", type=int, default=200, help="images for attack columns")
-    p.add_argument("--seeds", type=int, default=3,
-                   help="purification runs per image and cell: mean and worst-of-seeds (resubmission) accuracy")
-    p.add_argument("--t-star", type=int, default=None,
-                   help="diffusion depth (default: the dataset's t*, chosen on held-out images: "
-                        + ", ".join(f"{d} {t}" for d, t in T_STAR.items()) + ")")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--method", default="ddim", choices=["ddim", "ddpm", "one-step"])
-    p.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS), choices=CORRUPTIONS)
-    p.add_argument("--purifiers", nargs="+", default=list(PURIFIERS),
-                   help="none, a checkpoint label (dense, tt-r2, ...), <label>/one-step, <label>/adaptive-t, "
-                        "<label>/vote<K>, dense-cond/guided, or a classical purifier: " + ", ".join(CLASSICAL))
-    p.add_argument("--pgd-steps", type=int, default=40)
-    p.add_argument("--adaptive-steps", type=int, default=20)
-    p.add_argument("--adaptive-eot", type=int, default=4)
-    p.add_argument("--surrogate-steps", type=int, default=2)
-    p.add_argument("--exact-steps", type=int, default=20,
-                   help="PGD steps of the exact column (Lee & Kim's budget: 200 steps, --exact-eot 20)")
-    p.add_argument("--exact-eot", type=int, default=4, help="EOT draws per step of the exact column")
-    p.add_argument("--autoattack-version", default="standard", choices=["standard", "rand", "plus"])
-    p.add_argument("--no-timing", action="store_true", help="skip the per-purifier timings")
-    p.add_argument("--seed", type=int, default=0)
+    cli.add_arguments(p, EvalConfig)
     p.add_argument("--out", default="docs/results")
     p.add_argument("--summarize", metavar="RESULTS_JSON",
                    help="print the README's summary table of an earlier run's results.json and exit")
@@ -817,14 +801,7 @@ def main(argv=None):
     datasets = DATASETS if args.dataset == "all" else (args.dataset,)
     results = []
     for ds in datasets:
-        t_star = T_STAR[ds] if args.t_star is None else args.t_star
-        cfg = EvalConfig(dataset=ds, n=args.n, n_attack=args.n_attack, seeds=args.seeds, t_star=t_star,
-                         steps=args.steps, method=args.method, pgd_steps=args.pgd_steps,
-                         adaptive_steps=args.adaptive_steps, adaptive_eot=args.adaptive_eot,
-                         surrogate_steps=args.surrogate_steps, exact_steps=args.exact_steps,
-                         exact_eot=args.exact_eot, autoattack_version=args.autoattack_version,
-                         corruptions=tuple(args.corruptions), purifiers=tuple(args.purifiers), seed=args.seed,
-                         timing=not args.no_timing)
+        cfg = cli.from_args(EvalConfig, args, dataset=ds)
         try:
             result = Evaluation(cfg).run()
         except ckpt.CheckpointNotFoundError as exc:

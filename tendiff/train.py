@@ -17,7 +17,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,56 +29,60 @@ from .classifiers import build_classifier, predict
 from .data import DATASETS, load_dataset
 from .diffusion import GaussianDiffusion, ScheduleConfig
 from .protocol import model_label as protocol_label
+from . import cli
 from .runtime import machine, tune_allocator
 from .tt import LAYOUTS
 from .unet import UNet, preset, unet_from_dense
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+@dataclass
+class TrainConfig:
+    """One training run; every field is one command-line option (``python -m tendiff.train --help``)."""
+
+    what: str = cli.field(help="what to train", choices=("classifier", "purifier"))
+    dataset: str = cli.field(help="dataset", choices=DATASETS, flag="--dataset")
+    conv: str = cli.field("dense", "purifier convolutions", choices=("dense",) + LAYOUTS)
+    rank: int = cli.field(2, "TT rank (every bond)")
+    init_from: str | None = cli.field(None, "dense purifier checkpoint to TT-SVD from (else from scratch)", type=str)
+    distill_from: str | None = cli.field(
+        None, "purifier checkpoint whose noise estimate is the regression target instead of the sampled noise "
+              "(distillation: the same minimiser, far less gradient noise)", type=str)
+    conditional: bool = cli.field(False, "class-conditional purifier (label dropout, for classifier-free guidance)")
+    steps: int = cli.field(5000, "optimizer steps (the cosine schedule spans them; with --until-converged, the cap)")
+    until_converged: bool = cli.field(
+        False, "purifiers: constant LR after warm-up, and stop once the held-out loss (EMA weights, every "
+               "--eval-every steps) improved by less than --converge-tol over the last quarter of the steps "
+               "(checked from --min-steps on)")
+    converge_tol: float = cli.field(0.01, "relative improvement that counts (0.01: 1%%)")
+    min_steps: int = cli.field(2000, "no convergence check before this step")
+    eval_every: int = cli.field(250, "purifiers: held-out loss every N steps (the loss curve in the manifest; 0: none)")
+    minutes: float | None = cli.field(None, "stop (and save) after this wall time", type=float)
+    batch_size: int = cli.field(128, "images per step")
+    lr: float | None = cli.field(None, "peak learning rate (default per model)", type=float)
+    t_max: int = cli.field(400, "train the purifier on t in 1..t-max only (purification never goes deeper)")
+    ema: float = cli.field(0.999, "EMA decay of purifier weights")
+    seed: int = cli.field(0, "seed of the data order, noises and initialisation")
+    out: str | None = cli.field(None, "final checkpoint (default checkpoints/<dataset>_<model>.safetensors)", type=str)
+    run_dir: str | None = cli.field(None, "where the resumable state lives (default runs/<out name>)", type=str)
+    resume: bool = cli.field(False, "continue from --run-dir/state.pt")
+    save_every: int = cli.field(250, "write the resumable state every N steps")
+    device: str | None = cli.field(None, "cpu or cuda (default: cuda when available)", type=str)
+    threads: int | None = cli.field(None, "CPU threads (default: all cores)", type=int)
+    manifest: bool = cli.field(True, "do not record the result in the manifest", flag="--no-manifest")
+
+    @property
+    def label(self) -> str:
+        """The checkpoint's model label: classifier, dense, tt-r2, ..., with -cond when conditional."""
+        if self.what == "classifier":
+            return "classifier"
+        return protocol_label(self.conv, self.rank) + ("-cond" if self.conditional else "")
+
+
+def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(prog="python -m tendiff.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["classifier", "purifier"])
-    p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--conv", default="dense", choices=("dense",) + LAYOUTS, help="purifier convolutions")
-    p.add_argument("--rank", type=int, default=2, help="TT rank (every bond)")
-    p.add_argument("--init-from", help="dense purifier checkpoint to TT-SVD from (else from scratch)")
-    p.add_argument("--distill-from",
-                   help="purifier checkpoint whose noise estimate is the regression target instead of "
-                        "the sampled noise (distillation: the same minimiser, far less gradient noise)")
-    p.add_argument("--conditional", action="store_true",
-                   help="class-conditional purifier (label dropout, for classifier-free guidance)")
-    p.add_argument("--steps", type=int, default=5000,
-                   help="optimizer steps (the cosine schedule spans them; with --until-converged, the cap)")
-    p.add_argument("--until-converged", action="store_true",
-                   help="purifiers: constant LR after warm-up, and stop once the held-out loss (EMA weights, "
-                        "every --eval-every steps) improved by less than --converge-tol over the last quarter "
-                        "of the steps (checked from --min-steps on)")
-    p.add_argument("--converge-tol", type=float, default=0.01, help="relative improvement that counts (0.01: 1%%)")
-    p.add_argument("--min-steps", type=int, default=2000, help="no convergence check before this step")
-    p.add_argument("--eval-every", type=int, default=250,
-                   help="purifiers: held-out loss every N steps (the loss curve in the manifest; 0: none)")
-    p.add_argument("--minutes", type=float, default=None, help="stop (and save) after this wall time")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per model)")
-    p.add_argument("--t-max", type=int, default=400,
-                   help="train the purifier on t in 1..t-max only (purification never goes deeper)")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of purifier weights")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="final checkpoint (default checkpoints/<dataset>_<model>.safetensors)")
-    p.add_argument("--run-dir", help="where the resumable state lives (default runs/<out name>)")
-    p.add_argument("--resume", action="store_true", help="continue from --run-dir/state.pt")
-    p.add_argument("--save-every", type=int, default=250)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--no-manifest", action="store_true", help="do not record the result in the manifest")
-    return p.parse_args(argv)
-
-
-def model_label(args) -> str:
-    if args.what == "classifier":
-        return "classifier"
-    label = protocol_label(args.conv, args.rank)
-    return label + ("-cond" if args.conditional else "")
+    cli.add_arguments(p, TrainConfig)
+    return cli.from_args(TrainConfig, p.parse_args(argv))
 
 
 # ----------------------------------------------------------------- helpers
@@ -150,10 +154,10 @@ def conditional_from_unconditional(dense: UNet, num_classes: int) -> UNet:
 
 
 # -------------------------------------------------------------------- train
-def train(args: argparse.Namespace) -> dict:
+def train(cfg: TrainConfig, command: str = "") -> dict:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if distributed:
         import torch.distributed as dist
 
@@ -161,17 +165,17 @@ def train(args: argparse.Namespace) -> dict:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed + rank)
-    g = torch.Generator().manual_seed(args.seed + rank)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed + rank)
+    g = torch.Generator().manual_seed(cfg.seed + rank)
 
-    out = Path(args.out) if args.out else ckpt.checkpoint_dir() / ckpt.checkpoint_name(args.dataset, model_label(args))
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / out.stem
+    out = Path(cfg.out) if cfg.out else ckpt.checkpoint_dir() / ckpt.checkpoint_name(cfg.dataset, cfg.label)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / out.stem
     state_path = run_dir / "state.pt"
 
-    train_set = load_dataset(args.dataset, "train")
-    full_test = load_dataset(args.dataset, "test")
+    train_set = load_dataset(cfg.dataset, "train")
+    full_test = load_dataset(cfg.dataset, "test")
     test_set = full_test.subset(1000)
     # The loss curve and the stopping rule read the *last* 1000 test images, so that neither
     # touches the first 1000 on which every accuracy is measured.
@@ -180,25 +184,25 @@ def train(args: argparse.Namespace) -> dict:
     labels = train_set.labels
 
     diffusion = None
-    if args.what == "classifier":
-        model = build_classifier(args.dataset)
-        peak_lr = args.lr or 2e-3
+    if cfg.what == "classifier":
+        model = build_classifier(cfg.dataset)
+        peak_lr = cfg.lr or 2e-3
     else:
         diffusion = GaussianDiffusion(ScheduleConfig())
-        num_classes = 10 if args.conditional else 0
-        if args.init_from:
-            dense = ckpt.load_checkpoint(args.init_from)
-            if args.conv != "dense":
-                model = unet_from_dense(dense, args.rank, args.conv)
-            elif args.conditional and dense.config.num_classes == 0:
+        num_classes = 10 if cfg.conditional else 0
+        if cfg.init_from:
+            dense = ckpt.load_checkpoint(cfg.init_from)
+            if cfg.conv != "dense":
+                model = unet_from_dense(dense, cfg.rank, cfg.conv)
+            elif cfg.conditional and dense.config.num_classes == 0:
                 model = conditional_from_unconditional(dense, num_classes)
             else:
                 model = dense
         else:
-            model = UNet(preset(args.dataset, args.conv, args.rank, num_classes=num_classes))
-        if args.conditional and model.config.num_classes == 0:
+            model = UNet(preset(cfg.dataset, cfg.conv, cfg.rank, num_classes=num_classes))
+        if cfg.conditional and model.config.num_classes == 0:
             raise SystemExit("--conditional with --init-from takes a dense checkpoint (TT conditional models are not offered)")
-        peak_lr = args.lr or (1e-3 if args.init_from else 2e-3)
+        peak_lr = cfg.lr or (1e-3 if cfg.init_from else 2e-3)
     model.to(device)
     # Channels-last training steps are faster on CPU for dense convs (measured at batch 128,
     # 2 cores: CIFAR-10 classifier 1.4x, dense U-Net 1.17x); TT chains are faster in NCHW (MNIST
@@ -206,20 +210,20 @@ def train(args: argparse.Namespace) -> dict:
     tt_model = getattr(getattr(model, "config", None), "conv", "dense") != "dense"
     memory_format = torch.contiguous_format if tt_model else torch.channels_last
     model.to(memory_format=memory_format)
-    ema = copy.deepcopy(model).eval() if args.what == "purifier" else None
+    ema = copy.deepcopy(model).eval() if cfg.what == "purifier" else None
     teacher = None
-    if args.distill_from:
-        if args.what != "purifier" or args.conditional:
+    if cfg.distill_from:
+        if cfg.what != "purifier" or cfg.conditional:
             raise SystemExit("--distill-from takes an unconditional purifier run")
-        teacher = ckpt.load_checkpoint(args.distill_from).to(device).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.0 if args.what == "purifier" else 5e-4)
+        teacher = ckpt.load_checkpoint(cfg.distill_from).to(device).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.0 if cfg.what == "purifier" else 5e-4)
     step, elapsed = 0, 0.0
     resumed_at = None
     curve: list[tuple[int, float]] = []  # (step, held-out eps-MSE of the EMA weights)
-    schedule = "constant" if args.until_converged else "cosine"
-    if args.until_converged and args.what != "purifier":
+    schedule = "constant" if cfg.until_converged else "cosine"
+    if cfg.until_converged and cfg.what != "purifier":
         raise SystemExit("--until-converged is for purifiers (it reads the held-out denoising loss)")
-    if args.resume and state_path.exists():
+    if cfg.resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -247,31 +251,31 @@ def train(args: argparse.Namespace) -> dict:
         torch.save(state, run_dir / "state.tmp")
         (run_dir / "state.tmp").replace(state_path)
 
-    warmup = min(200, args.steps // 10) if not args.init_from else min(50, args.steps // 10)
-    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0, desc=f"{args.dataset} {model_label(args)}")
+    warmup = min(200, cfg.steps // 10) if not cfg.init_from else min(50, cfg.steps // 10)
+    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0, desc=f"{cfg.dataset} {cfg.label}")
     t_start = time.perf_counter() - elapsed
     seen_since, t_since = 0, time.perf_counter()
     loss_avg = None
     model.train()
     try:
-        while step < args.steps:
-            if args.minutes is not None and time.perf_counter() - t_start > args.minutes * 60:
+        while step < cfg.steps:
+            if cfg.minutes is not None and time.perf_counter() - t_start > cfg.minutes * 60:
                 if rank == 0:
-                    print(f"time budget of {args.minutes} min reached at step {step}")
+                    print(f"time budget of {cfg.minutes} min reached at step {step}")
                 break
-            idx = torch.randint(0, len(images), (args.batch_size,), generator=g)
+            idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
             x = images[idx].float() / 255.0
             y = labels[idx]
-            x = augment(x, args.dataset, g) if (args.what == "classifier" or args.dataset == "cifar10") else x
+            x = augment(x, cfg.dataset, g) if (cfg.what == "classifier" or cfg.dataset == "cifar10") else x
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, args.steps, peak_lr, warmup, schedule)
-            if args.what == "classifier":
-                loss = F.cross_entropy(net(x.contiguous(memory_format=memory_format)), y, label_smoothing=0.1 if args.dataset == "cifar10" else 0.0)
+                group["lr"] = lr_at(step, cfg.steps, peak_lr, warmup, schedule)
+            if cfg.what == "classifier":
+                loss = F.cross_entropy(net(x.contiguous(memory_format=memory_format)), y, label_smoothing=0.1 if cfg.dataset == "cifar10" else 0.0)
             else:
                 x0 = x * 2 - 1
-                t = torch.randint(1, args.t_max + 1, (len(x0),), generator=g).to(device)
+                t = torch.randint(1, cfg.t_max + 1, (len(x0),), generator=g).to(device)
                 noise = torch.randn(x0.shape, generator=g).to(device)
                 cond = None
                 if model.config.num_classes:
@@ -288,7 +292,7 @@ def train(args: argparse.Namespace) -> dict:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             if ema is not None:
-                decay = min(args.ema, (1 + step) / (10 + step))
+                decay = min(cfg.ema, (1 + step) / (10 + step))
                 with torch.no_grad():
                     for pe, pm in zip(ema.parameters(), model.parameters()):
                         pe.lerp_(pm, 1 - decay)
@@ -300,14 +304,14 @@ def train(args: argparse.Namespace) -> dict:
                 bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{seen_since / (now - t_since):.0f}", refresh=False)
                 seen_since, t_since = 0, now
             bar.update(1)
-            if ema is not None and args.eval_every and step % args.eval_every == 0:
-                curve.append((step, round(heldout_denoising_loss(ema, diffusion, val_images, args.t_max), 6)))
+            if ema is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                curve.append((step, round(heldout_denoising_loss(ema, diffusion, val_images, cfg.t_max), 6)))
                 bar.write(f"step {step}: held-out loss {curve[-1][1]:.5f}")
-                if args.until_converged and converged(curve, args.converge_tol, args.min_steps):
-                    bar.write(f"converged at step {step}: under {args.converge_tol:.0%} better over the last quarter")
+                if cfg.until_converged and converged(curve, cfg.converge_tol, cfg.min_steps):
+                    bar.write(f"converged at step {step}: under {cfg.converge_tol:.0%} better over the last quarter")
                     break
             elapsed = time.perf_counter() - t_start
-            if step % args.save_every == 0:
+            if step % cfg.save_every == 0:
                 save_state()
     except KeyboardInterrupt:
         if rank == 0:
@@ -326,26 +330,26 @@ def train(args: argparse.Namespace) -> dict:
     final = (ema if ema is not None else model).cpu().eval().to(memory_format=torch.contiguous_format)
     metrics = {}
     test_images = test_set.float_images()
-    if args.what == "classifier":
+    if cfg.what == "classifier":
         probs = predict(final, test_images)
         metrics["clean_accuracy_first1000"] = round((probs.argmax(1) == test_set.labels).float().mean().item(), 4)
     else:
-        metrics["heldout_eps_mse_first1000"] = round(heldout_denoising_loss(final, diffusion, test_images, args.t_max), 5)
+        metrics["heldout_eps_mse_first1000"] = round(heldout_denoising_loss(final, diffusion, test_images, cfg.t_max), 5)
     record = {
-        "command": "python -m tendiff.train " + " ".join(shlex.quote(a) for a in (args.argv or [])),
-        "seed": args.seed, "steps": step, "batch_size": args.batch_size * world,
+        "command": command,
+        "seed": cfg.seed, "steps": step, "batch_size": cfg.batch_size * world,
         "wall_time_s": round(elapsed, 1), "hardware": machine(), "torch": torch.__version__,
-        "t_max": args.t_max if args.what == "purifier" else None,
-        "init_from": Path(args.init_from).name if args.init_from else None,
-        "distill_from": Path(args.distill_from).name if args.distill_from else None,
+        "t_max": cfg.t_max if cfg.what == "purifier" else None,
+        "init_from": Path(cfg.init_from).name if cfg.init_from else None,
+        "distill_from": Path(cfg.distill_from).name if cfg.distill_from else None,
         "resumed_at_step": resumed_at,  # the command continued a run saved in --run-dir at this step
         "train_metrics": metrics,
         "schedule": schedule,
-        "converged": converged(curve, args.converge_tol, args.min_steps) if args.until_converged else None,
+        "converged": converged(curve, cfg.converge_tol, cfg.min_steps) if cfg.until_converged else None,
         "heldout_curve": curve,  # (step, eps-MSE on the last 1000 test images), EMA weights
     }
     ckpt.save_checkpoint(final, out, extra={k: record[k] for k in ("command", "seed", "steps", "t_max")})
-    if not args.no_manifest:
+    if cfg.manifest:
         ckpt.update_manifest(out, final, record)
     print(f"saved {out} ({sum(p.numel() for p in final.parameters())} params) after {step} steps, "
           f"{elapsed / 60:.1f} min: {metrics}")
@@ -354,13 +358,12 @@ def train(args: argparse.Namespace) -> dict:
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    args.argv = argv
+    cfg = parse_args(argv)
     tune_allocator()
     # A job killed with SIGTERM (a session ending, `kill`) saves its state like Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        train(args)
+        train(cfg, "python -m tendiff.train " + " ".join(shlex.quote(a) for a in argv))
     except KeyboardInterrupt:
         sys.exit(130)
 
