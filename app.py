@@ -54,10 +54,10 @@ from tendiff.classical import CLASSICAL
 from tendiff.checkpoints import CheckpointIntegrityError, CheckpointNotFoundError
 from tendiff.data import CLASS_NAMES, DATASETS, IMAGE_SHAPE
 from tendiff.diffusion import METHODS
-from tendiff.pipeline import (APP_CORRUPTIONS, DEFAULT_METHOD, DEFAULT_MODEL,
-                              DEFAULT_STEPS, DEFAULT_T_STAR, CorruptionSpec, PurifySpec, Studio,
-                              check_dataset, check_label, display_scale, gif_bytes, parameter_table,
-                              prepare_image, strip_image, to_pil, topk)
+from render import display_scale, gif_bytes, layer_figure, strip_image, to_pil
+from tendiff.pipeline import (APP_CORRUPTIONS, DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_STEPS, DEFAULT_T_STAR,
+                              CorruptionSpec, PurifySpec, Studio, check_dataset, check_label, parameter_table,
+                              prepare_image, topk)
 from tendiff.protocol import CORRUPTIONS, DATASET_TITLES, STRENGTH, T_STAR, purifier_title
 from tendiff.runtime import tune_allocator
 from tendiff.tt import channel_modes, tt_param_count
@@ -346,45 +346,6 @@ def compare(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, 
         yield gallery, pd.DataFrame(table, columns=columns), status
 
 
-def _layer_figure(view: dict):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cores = view["cores"]
-    n = len(cores)
-    fig, axes = plt.subplots(1, n + 2, figsize=(3.0 * (n + 2), 3.2))
-    for k, (ax, core) in enumerate(zip(axes, cores)):
-        c = core.numpy()
-        mat = c if c.ndim == 2 else c.reshape(c.shape[0], -1)
-        ax.imshow(mat, cmap="RdBu_r", aspect="auto", interpolation="nearest")
-        ax.set_title(f"core {k + 1} {tuple(c.shape)}", fontsize=9)
-        ax.set_xticks([]), ax.set_yticks([])
-
-    def tiles(kernel):  # the first 8x8 (out, in) channel pairs, each a 3x3 kernel
-        k = kernel[:8, :8].numpy()
-        o, i, kh, kw = k.shape
-        pad = np.full((o, i, kh + 1, kw + 1), np.nan)
-        pad[:, :, :kh, :kw] = k
-        return pad.transpose(0, 2, 1, 3).reshape(o * (kh + 1), i * (kw + 1))
-
-    vmax = float(view["rebuilt"][:8, :8].abs().max())
-    axes[n].imshow(tiles(view["rebuilt"]), cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
-    axes[n].set_title("kernel rebuilt from the cores", fontsize=9)
-    if view["dense"] is not None:
-        axes[n + 1].imshow(tiles(view["dense"]), cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
-        axes[n + 1].set_title("dense model's kernel", fontsize=9)
-    else:
-        axes[n + 1].text(0.5, 0.5, "dense checkpoint\nnot available", ha="center", va="center")
-    for ax in axes[n:]:
-        ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(f"{view['layer']} ({view['layout']} layout, ranks {view['ranks']}); kernels: first 8 out x 8 in channels",
-                 fontsize=10)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
-
-
 @user_errors
 def learn_layer(dataset, model, layer):
     """The TT cores of one layer and the kernel they rebuild next to the dense one."""
@@ -413,7 +374,7 @@ def learn_layer(dataset, model, layer):
             f"dense weights; TT cores: {formula} weights, {view['dense_parameters'] / view['tt_parameters']:.1f}x fewer.  \n"
             + err)
     return (gr.update(choices=model_choices(available), value=model), gr.update(choices=names, value=layer),
-            _layer_figure(view), text)
+            layer_figure(view), text)
 
 
 @user_errors

@@ -6,6 +6,8 @@
 # class-conditional copy. Each finished step leaves campaign/<dataset>/<name>.done; an interrupted
 # step resumes from its state in campaign/<dataset>/<name>/ (commit campaign/ before a session
 # ends: the next session's work tree is fresh). Logs: campaign/<dataset>/<name>.log.
+# TRAIN_THREADS=1 while other work shares the 2 cores: two OpenMP threads stall whenever another
+# process takes a core (measured: 2.7 steps/s alone, 0.7 with tests running beside it).
 # The body is one function, read whole before it runs: editing this file mid-campaign is safe.
 set -euo pipefail
 main() {
@@ -23,7 +25,7 @@ run() {  # run NAME ARGS...: train checkpoints/<ds>_NAME.safetensors unless camp
   local name=$1; shift
   if [ -f "$dir/$name.done" ]; then echo "done: $ds $name"; return; fi
   python -m tendiff.train "$@" --dataset "$ds" --out "checkpoints/${ds}_$name.safetensors" \
-    --run-dir "$dir/$name" --resume 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v '^\s*$' >> "$dir/$name.log"
+    --run-dir "$dir/$name" --resume ${TRAIN_THREADS:+--threads "$TRAIN_THREADS"} 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v '^\s*$' >> "$dir/$name.log"
   rm -rf "${dir:?}/$name"  # the finished run's optimizer state is not needed any more
   date -u +%FT%TZ > "$dir/$name.done"
 }

@@ -295,21 +295,6 @@ def image_hash(x: torch.Tensor) -> str:
     return hashlib.sha1(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
 
 
-def to_pil(x: torch.Tensor, scale: int = 1) -> Image.Image:
-    """(1, C, H, W) or (C, H, W) in [0, 1] -> PIL image, enlarged ``scale`` times (nearest)."""
-    x = x.detach().cpu()
-    x = x[0] if x.ndim == 4 else x
-    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[:, :, 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    return img
-
-
-def display_scale(x: torch.Tensor, target: int = 224) -> int:
-    return max(1, target // max(x.shape[-2:]))
-
-
 # ---------------------------------------------------------------------------- results
 @dataclass
 class Corrupted:
@@ -762,35 +747,3 @@ def parameter_table(dataset: str, ranks: Sequence[int] = range(1, 9)) -> list[di
         au = count_parameters(UNet(preset(dataset, conv="authors", rank=r)))
         rows.append({"rank": r, "dense": dense, "tt": tt, "ttm": ttm, "authors": au})
     return rows
-
-
-def gif_bytes(frames: Sequence[Frame], scale: int = 6, duration_ms: int = 150) -> bytes:
-    """An animated GIF of the purification: x_t | predicted x_0 side by side per step."""
-    images = []
-    # Gray images stay gray: a grayscale GIF needs no per-frame colour quantisation (the slow part).
-    mode = "L" if frames[0].x_t.shape[1] == 1 else "RGB"
-    for f in frames:
-        a, b = to_pil(f.x_t, scale).convert(mode), to_pil(f.pred_x0, scale).convert(mode)
-        canvas = Image.new(mode, (a.width * 2 + scale, a.height), 255 if mode == "L" else (255, 255, 255))
-        canvas.paste(a, (0, 0))
-        canvas.paste(b, (a.width + scale, 0))
-        images.append(canvas)
-    buf = io.BytesIO()
-    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms,
-                   loop=0, disposal=1)
-    return buf.getvalue()
-
-
-def strip_image(frames: Sequence[Frame], max_frames: int = 11, scale: int = 3) -> Image.Image:
-    """Two rows (x_t on top, predicted x_0 below) of at most ``max_frames`` evenly chosen steps."""
-    n = len(frames)
-    idx = sorted(set(np.linspace(0, n - 1, min(n, max_frames)).round().astype(int).tolist()))
-    tiles = [(to_pil(frames[i].x_t, scale).convert("RGB"), to_pil(frames[i].pred_x0, scale).convert("RGB"))
-             for i in idx]
-    w, h = tiles[0][0].size
-    gap = 2 * scale
-    canvas = Image.new("RGB", (len(tiles) * (w + gap) - gap, 2 * h + gap), (255, 255, 255))
-    for k, (a, b) in enumerate(tiles):
-        canvas.paste(a, (k * (w + gap), 0))
-        canvas.paste(b, (k * (w + gap), h + gap))
-    return canvas

@@ -4,9 +4,8 @@ PyTorch's CPU tensors come from the C library's malloc. glibc serves blocks abov
 (128 KiB, raised dynamically up to 32 MiB) with fresh ``mmap`` calls and gives them back to the
 OS on free, and it trims the heap top whenever more than 128 KiB is free there. A purification
 step allocates and frees the same few activation-sized buffers (9.6 MB for 64 x 48 x 28 x 28
-floats) over and over, so every step pays for new zero-filled pages: measured on the 2-core
-development VM, a 10-step batch-64 purification took 840-1020 ms (dense) and 465-500 ms (tt-r2)
-with glibc's defaults and 570-630 / 250-290 ms with the thresholds raised. Keeping freed memory
+floats) over and over, so every step pays for new zero-filled pages; raising the thresholds
+makes purification markedly faster (docs/performance.md, 'Why the code is shaped this way'). Keeping freed memory
 in the heap costs nothing in peak memory (the same buffers are reused), which the app's peak-RSS
 measurement in ``tendiff.bench`` checks.
 """

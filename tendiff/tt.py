@@ -40,8 +40,8 @@ contracted first: R1 kh kw R3 numbers), and the output core as a 1x1 projection 
 also adds the bias (through an extra channel of ones): three launches, about
 (I R1 + R1 R3 kh kw + R3 O) multiply-accumulates per pixel instead of I O kh kw
 (:meth:`TTConv2d.chain_weights`). Doing the 1x1 steps as matrix products rather than
-convolutions matters on CPU: oneDNN reorders NCHW tensors around 1x1 convolutions (a 48-wide
-rank-2 layer at batch 64, one thread on a busy machine: 15.8 ms as four convs, 2.0 ms this way);
+convolutions matters on CPU: oneDNN reorders NCHW tensors around 1x1 convolutions
+(docs/performance.md, 'Why the code is shaped this way');
 ``cached`` rebuilds once and reuses the kernel until a core changes (detected through the
 parameters' in-place version counters), and falls back to ``rebuild`` whenever gradients are
 needed. ``auto`` picks, per call, the chain or the full kernel by their multiply-accumulate
@@ -151,10 +151,9 @@ def per_image_matmul(weight: torch.Tensor, x: torch.Tensor, add: torch.Tensor | 
     broadcastable to (P, L) -> (n, P, L).
 
     At batch 1, ``mm`` / ``addmm`` (cheaper per call: at batch 1 every op's fixed cost counts);
-    else ``bmm`` / ``baddbmm`` with the weight expanded over the batch (stride 0). torch.matmul
-    would be ~10x slower here: with a weight that requires grad it copies x into a transposed
-    layout first (measured at batch 64, 48 channels, 28x28: 2.7 vs 0.2 ms forward, 10.5 vs 2.1 ms
-    forward+backward).
+    else ``bmm`` / ``baddbmm`` with the weight expanded over the batch (stride 0). Not torch.matmul:
+    with a weight that requires grad it copies x into a transposed layout first
+    (docs/performance.md, 'Why the code is shaped this way').
     """
     n = x.shape[0]
     if n == 1:
@@ -232,7 +231,7 @@ class TTConv2d(nn.Module):
 
     def _weights(self) -> tuple[torch.Tensor, ...]:
         """The cores, then the bias if any. Read from the parameter dicts: iterating the
-        ParameterList costs ~5 us a call, a tenth of a batch-1 layer, and this runs on every call."""
+        ParameterList is slow, and this runs on every call (docs/performance.md, 'Why the code is shaped this way')."""
         cores = self._modules["cores"]._parameters.values()
         bias = self._parameters.get("bias")
         return (*cores,) if bias is None else (*cores, bias)

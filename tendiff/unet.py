@@ -119,10 +119,9 @@ def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(x) for a stride-1, same-padded conv with few input or few output channels (the
     1-or-3-channel stem and head), as one matrix product plus a fold (col2im) or shifted slices.
 
-    oneDNN handles some of these shapes poorly on CPU; measured (1 thread, ms, conv -> this):
-    48->1 head 5.6 -> 1.6 at batch 64, 0.14 -> 0.09 at batch 1; 48->3 head 8.6 -> 3.6 at
-    batch 64; 1->48 stem 13.3 -> 1.5 at batch 64 but 0.02 -> 0.07 at batch 1; 3->48 stem
-    2.0 -> 7.4 at batch 64. So: heads always, 1-channel stems from batch 8, else ``conv``.
+    oneDNN handles some of these shapes poorly on CPU, others well
+    (docs/performance.md, 'Why the code is shaped this way').
+    So: heads always, 1-channel stems from batch 8, else ``conv``.
     The arithmetic is the same (the products: :func:`tendiff.tt.per_image_matmul`).
     """
     weight, bias = conv.weight, conv.bias
@@ -135,8 +134,8 @@ def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if cout <= cin:
         # Few outputs: project every tap at once (kh*kw*cout channels), then sum the shifted
         # copies with F.fold (col2im, the adjoint of the im2col a conv does; it scatters where
-        # the conv gathers, hence the flipped taps). Measured against padding and adding shifted
-        # slices (ms, 48->1 head at 28x28): 0.067 -> 0.034 at batch 1, the same at batch 64.
+        # the conv gathers, hence the flipped taps). Cheaper than padding and adding shifted
+        # slices (docs/performance.md, 'Why the code is shaped this way').
         per_tap = weight.flip(2, 3).reshape(cout, cin, kh * kw).transpose(1, 2).reshape(cout * kh * kw, cin)
         out = F.fold(per_image_matmul(per_tap, x.reshape(n, cin, h * w)), (h, w), (kh, kw), padding=(ph, pw))
     else:
@@ -150,13 +149,14 @@ def few_channel_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 def downsample(x: torch.Tensor) -> torch.Tensor:
     """2x2 average pooling, written as four strided adds: the same numbers as
-    F.avg_pool2d(x, 2) (up to rounding), ~7x faster on NCHW CPU tensors (measured at batch 64)."""
+    F.avg_pool2d(x, 2) (up to rounding), and faster on NCHW CPU tensors
+    (docs/performance.md, 'Why the code is shaped this way')."""
     return (x[..., ::2, ::2] + x[..., 1::2, ::2] + x[..., ::2, 1::2] + x[..., 1::2, 1::2]).mul_(0.25)
 
 
 def upsample(x: torch.Tensor) -> torch.Tensor:
     """2x nearest-neighbour upsampling; exactly F.interpolate(x, scale_factor=2, mode="nearest"),
-    ~6x faster on NCHW CPU tensors (measured at batch 64)."""
+    and faster on NCHW CPU tensors (docs/performance.md, 'Why the code is shaped this way')."""
     return x.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
 
 
@@ -213,11 +213,12 @@ class UNet(nn.Module):
     def _shared_time_biases(self, t: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
         """time_biases for one timestep shared by the batch, cached per timestep in inference
         mode: a sampler visits the same few timesteps on every call, and at batch 1 the ~25
-        small ops of the time path are a tenth of a TT model's step."""
+        small ops of the time path are a noticeable part of a TT model's step
+        (docs/performance.md, 'Why the code is shaped this way')."""
         if not torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
             return self.time_biases(t.reshape(1), None, dtype)
-        # Read through the modules' dicts: Module.parameters() took 22 us a call; with attribute
-        # lookups this whole check-and-fetch took 33 us a forward, 17 us this way.
+        # Read through the modules' dicts: Module.parameters() and attribute lookups cost per
+        # forward (docs/performance.md, 'Why the code is shaped this way').
         time_layers = [self.time_mlp._modules["0"], *(b._modules["time_proj"] for b in self.blocks())]
         weights = [p for layer in time_layers for p in layer._parameters.values() if p is not None]
         state = (tensors_state(weights), dtype, t.device)
@@ -289,7 +290,8 @@ class UNet(nn.Module):
 
     def use_channels_last(self, enabled: bool = True) -> "UNet":
         """Run the activations (and dense conv weights) channels-last. oneDNN's dense 3x3 convs
-        are ~2.7x faster that way on CPU at batch 64, while TT chains and GroupNorm prefer NCHW;
+        are faster that way on CPU, while TT chains and GroupNorm prefer NCHW
+        (docs/performance.md, 'Why the code is shaped this way');
         tendiff.bench measures both, and purification takes whichever the model is set to."""
         self.memory_format = torch.channels_last if enabled else torch.contiguous_format
         return self.to(memory_format=self.memory_format)

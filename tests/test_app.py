@@ -64,7 +64,7 @@ def test_prepare_converts_any_image_to_the_dataset_shape():
 
 def test_nearest_enlarged_image_comes_back_exactly():
     x = prepare_image(ASSETS / "mnist_3_0.png", "mnist").tensor
-    from tendiff.pipeline import to_pil
+    from render import to_pil
     big = to_pil(x, 8)
     assert big.size == (224, 224)
     assert torch.equal(prepare_image(png_bytes(big), "mnist").tensor, x)

@@ -1,0 +1,98 @@
+"""Pictures for the Studio UI: images enlarged for display, the step strip, the GIF of a run and
+the Learn tab's core figure. Pure functions of tensors and frames (no Gradio)."""
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tendiff.pipeline import Frame
+
+
+def to_pil(x: torch.Tensor, scale: int = 1) -> Image.Image:
+    """(1, C, H, W) or (C, H, W) in [0, 1] -> PIL image, enlarged ``scale`` times (nearest)."""
+    x = x.detach().cpu()
+    x = x[0] if x.ndim == 4 else x
+    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[:, :, 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def display_scale(x: torch.Tensor, target: int = 224) -> int:
+    return max(1, target // max(x.shape[-2:]))
+
+
+def gif_bytes(frames: Sequence[Frame], scale: int = 6, duration_ms: int = 150) -> bytes:
+    """An animated GIF of the purification: x_t | predicted x_0 side by side per step."""
+    images = []
+    # Gray images stay gray: a grayscale GIF needs no per-frame colour quantisation (the slow part).
+    mode = "L" if frames[0].x_t.shape[1] == 1 else "RGB"
+    for f in frames:
+        a, b = to_pil(f.x_t, scale).convert(mode), to_pil(f.pred_x0, scale).convert(mode)
+        canvas = Image.new(mode, (a.width * 2 + scale, a.height), 255 if mode == "L" else (255, 255, 255))
+        canvas.paste(a, (0, 0))
+        canvas.paste(b, (a.width + scale, 0))
+        images.append(canvas)
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms,
+                   loop=0, disposal=1)
+    return buf.getvalue()
+
+
+def strip_image(frames: Sequence[Frame], max_frames: int = 11, scale: int = 3) -> Image.Image:
+    """Two rows (x_t on top, predicted x_0 below) of at most ``max_frames`` evenly chosen steps."""
+    n = len(frames)
+    idx = sorted(set(np.linspace(0, n - 1, min(n, max_frames)).round().astype(int).tolist()))
+    tiles = [(to_pil(frames[i].x_t, scale).convert("RGB"), to_pil(frames[i].pred_x0, scale).convert("RGB"))
+             for i in idx]
+    w, h = tiles[0][0].size
+    gap = 2 * scale
+    canvas = Image.new("RGB", (len(tiles) * (w + gap) - gap, 2 * h + gap), (255, 255, 255))
+    for k, (a, b) in enumerate(tiles):
+        canvas.paste(a, (k * (w + gap), 0))
+        canvas.paste(b, (k * (w + gap), h + gap))
+    return canvas
+
+
+def layer_figure(view: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cores = view["cores"]
+    n = len(cores)
+    fig, axes = plt.subplots(1, n + 2, figsize=(3.0 * (n + 2), 3.2))
+    for k, (ax, core) in enumerate(zip(axes, cores)):
+        c = core.numpy()
+        mat = c if c.ndim == 2 else c.reshape(c.shape[0], -1)
+        ax.imshow(mat, cmap="RdBu_r", aspect="auto", interpolation="nearest")
+        ax.set_title(f"core {k + 1} {tuple(c.shape)}", fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+
+    def tiles(kernel):  # the first 8x8 (out, in) channel pairs, each a 3x3 kernel
+        k = kernel[:8, :8].numpy()
+        o, i, kh, kw = k.shape
+        pad = np.full((o, i, kh + 1, kw + 1), np.nan)
+        pad[:, :, :kh, :kw] = k
+        return pad.transpose(0, 2, 1, 3).reshape(o * (kh + 1), i * (kw + 1))
+
+    vmax = float(view["rebuilt"][:8, :8].abs().max())
+    axes[n].imshow(tiles(view["rebuilt"]), cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+    axes[n].set_title("kernel rebuilt from the cores", fontsize=9)
+    if view["dense"] is not None:
+        axes[n + 1].imshow(tiles(view["dense"]), cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+        axes[n + 1].set_title("dense model's kernel", fontsize=9)
+    else:
+        axes[n + 1].text(0.5, 0.5, "dense checkpoint\nnot available", ha="center", va="center")
+    for ax in axes[n:]:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(f"{view['layer']} ({view['layout']} layout, ranks {view['ranks']}); kernels: first 8 out x 8 in channels",
+                 fontsize=10)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
