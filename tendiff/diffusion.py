@@ -71,7 +71,8 @@ class GaussianDiffusion:
         betas = torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float64)
         self.betas = torch.cat([torch.zeros(1, dtype=torch.float64), betas])  # betas[0] unused
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # alphas_cumprod[0] = 1
-        # Indexing the tensor costs per sampler step (docs/performance.md, 'Why the code is shaped this way').
+        # Read on every sampler step; a list is cheaper to index than the tensor
+        # (docs/performance.md, 'Why the code is shaped this way').
         self._alphas_cumprod_list = self.alphas_cumprod.tolist()
 
     @property

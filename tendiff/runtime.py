@@ -5,9 +5,9 @@ PyTorch's CPU tensors come from the C library's malloc. glibc serves blocks abov
 OS on free, and it trims the heap top whenever more than 128 KiB is free there. A purification
 step allocates and frees the same few activation-sized buffers (9.6 MB for 64 x 48 x 28 x 28
 floats) over and over, so every step pays for new zero-filled pages; raising the thresholds
-makes purification markedly faster (docs/performance.md, 'Why the code is shaped this way'). Keeping freed memory
-in the heap costs nothing in peak memory (the same buffers are reused), which the app's peak-RSS
-measurement in ``tendiff.bench`` checks.
+makes purification markedly faster (docs/performance.md, 'Why the code is shaped this way').
+Keeping freed memory in the heap costs nothing in peak memory (the same buffers are reused),
+which the app's peak-RSS measurement in ``tendiff.bench`` checks.
 """
 from __future__ import annotations
 

@@ -231,7 +231,8 @@ class TTConv2d(nn.Module):
 
     def _weights(self) -> tuple[torch.Tensor, ...]:
         """The cores, then the bias if any. Read from the parameter dicts: iterating the
-        ParameterList is slow, and this runs on every call (docs/performance.md, 'Why the code is shaped this way')."""
+        ParameterList is slow, and this runs on every call
+        (docs/performance.md, 'Why the code is shaped this way')."""
         cores = self._modules["cores"]._parameters.values()
         bias = self._parameters.get("bias")
         return (*cores,) if bias is None else (*cores, bias)

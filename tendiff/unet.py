@@ -217,8 +217,8 @@ class UNet(nn.Module):
         (docs/performance.md, 'Why the code is shaped this way')."""
         if not torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
             return self.time_biases(t.reshape(1), None, dtype)
-        # Read through the modules' dicts: Module.parameters() and attribute lookups cost per
-        # forward (docs/performance.md, 'Why the code is shaped this way').
+        # Read through the modules' dicts: cheaper per forward than Module.parameters() or
+        # attribute lookups (docs/performance.md, 'Why the code is shaped this way').
         time_layers = [self.time_mlp._modules["0"], *(b._modules["time_proj"] for b in self.blocks())]
         weights = [p for layer in time_layers for p in layer._parameters.values() if p is not None]
         state = (tensors_state(weights), dtype, t.device)
