@@ -75,9 +75,7 @@ MAX_GIFS = 128  # GIFs kept in the app's temp folder
 MAX_PNG_FOLDERS = 4000  # displayed PNGs kept in the app's temp folder
 FRAME_INTERVAL = float(os.environ.get("TENDIFF_FRAME_INTERVAL", "0.1"))  # seconds between streamed frames
 # Frames that compute faster than the eye are paced FRAME_INTERVAL apart, but never by more than
-# STREAM_BUDGET seconds in all, so pacing costs a run at most a quarter of a second (the default
-# 10-step run: ~23 ms between frames; issue 6 wants its final result within 1 s). The strip and
-# the GIF replay the steps at leisure.
+# STREAM_BUDGET seconds in all: pacing must not delay the final result (docs/performance.md, 'Why the code is shaped this way').
 STREAM_BUDGET = float(os.environ.get("TENDIFF_STREAM_BUDGET", "0.25"))
 CSS = """
 .pixelated img, img.pixelated, .gallery img, #input-image img { image-rendering: pixelated; }
@@ -88,8 +86,7 @@ CSS = """
 #title h1 { margin-bottom: 0; }
 """
 
-# Batch-1 inference on 28x28 images gains nothing from intra-op threads, and on a busy 2-core
-# machine two OpenMP threads fighting another process are ~100x slower than one (measured).
+# One thread: batch-1 inference gains nothing from a second, which stalls on a busy machine (docs/performance.md, 'Why the code is shaped this way').
 torch.set_num_threads(int(os.environ.get("TENDIFF_THREADS", "1")))
 tune_allocator()
 studio = Studio()
@@ -688,11 +685,9 @@ WARM_UP_ARGS = ["mnist", str(ASSETS / DEFAULT_EXAMPLE), UNKNOWN, "gaussian", 0.2
 def warm_up() -> None:
     """Run the default request once before the page is public, so that the first visitor's click
     is fast: through the click's own handler (models, PNG/GIF encoders, plot code), then through
-    a server on a private port, closed afterwards. A server's first queued request costs ~0.6 s
-    more than later ones (Gradio's request path warming up), and the costs stay paid in this
-    process: measured with gradio_client, a click the instant the page was served took 1.1 s
-    when this second warm-up ran on the public server (the click queued behind it), 0.37-0.47 s
-    now."""
+    a server on a private port, closed afterwards: a server's first queued request is slower than
+    later ones, and a visitor's click must not queue behind the warm-up
+    (docs/performance.md, 'Why the code is shaped this way')."""
     args = list(WARM_UP_ARGS)
     try:
         for _ in purify(*args):

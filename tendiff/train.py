@@ -204,9 +204,8 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
             raise SystemExit("--conditional with --init-from takes a dense checkpoint (TT conditional models are not offered)")
         peak_lr = cfg.lr or (1e-3 if cfg.init_from else 2e-3)
     model.to(device)
-    # Channels-last training steps are faster on CPU for dense convs (measured at batch 128,
-    # 2 cores: CIFAR-10 classifier 1.4x, dense U-Net 1.17x); TT chains are faster in NCHW (MNIST
-    # tt-r2 U-Net: 211 vs 260 ms per step). The state dict is unchanged either way.
+    # Channels-last for dense convs, NCHW for TT chains: each trains faster that way
+    # (docs/performance.md, 'Why the code is shaped this way'); the state dict is the same.
     tt_model = getattr(getattr(model, "config", None), "conv", "dense") != "dense"
     memory_format = torch.contiguous_format if tt_model else torch.channels_last
     model.to(memory_format=memory_format)
