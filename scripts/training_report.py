@@ -27,19 +27,20 @@ def entries(manifest: dict, dataset: str) -> dict[str, dict]:
 def ladder_table(manifest: dict, dataset: str) -> list[str]:
     found = entries(manifest, dataset)
     dense = found.get("dense")
-    rows = ["| purifier | layout | rank | parameters | vs dense | steps | schedule | wall time | held-out loss | from |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| purifier | layout | rank | parameters | vs dense | steps | schedule | wall time | held-out loss | from | made by |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label in ("dense",) + LADDER:
         e = found.get(label)
         if e is None:
-            rows.append(f"| {purifier_title(label)} | | | | | not trained | | | | |")
+            rows.append(f"| {purifier_title(label)} | | | | | not trained | | | | | |")
             continue
         layout, rank = parse_model_label(label)
         loss = e.get("train_metrics", {}).get("heldout_eps_mse_first1000")
         ratio = f"{dense['parameters'] / e['parameters']:.1f}x fewer" if dense and label != "dense" else ""
         rows.append(f"| {purifier_title(label)} | {layout} | {rank or ''} | {e['parameters']:,} | {ratio} | {e['steps']} | "
                     f"{e.get('schedule', 'cosine')} | {e['wall_time_s'] / 60:.1f} min | "
-                    f"{'' if loss is None else f'{loss:.4f}'} | {e.get('init_from') or 'scratch'} |")
+                    f"{'' if loss is None else f'{loss:.4f}'} | {e.get('init_from') or 'scratch'} | "
+                    f"{'the campaign' if 'heldout_curve' in e else 'before the campaign (docs/history.md)'} |")
     return rows
 
 
@@ -80,7 +81,9 @@ def main() -> None:
              "trained until the held-out loss (EMA weights, the last 1000 test images, every 250 steps) improves "
              "by less than 1% over the last quarter of the steps (`--until-converged`). Every TT purifier: TT-SVD "
              "of that dense purifier, then the same fine-tuning command (same steps, same cosine schedule). "
-             f"Ranks above {PAPER_MAX_RANK} are beyond the paper's R <= {PAPER_MAX_RANK}.", ""]
+             f"Ranks above {PAPER_MAX_RANK} are beyond the paper's R <= {PAPER_MAX_RANK}. Rows made before the "
+             "campaign (unequal budgets) say so in the last column; the held-out loss column is on the first 1000 "
+             "test images, the curves on the last 1000.", ""]
     for ds, title in DATASET_TITLES.items():
         lines += [f"## {title}: the rank ladder", ""] + ladder_table(manifest, ds) + [""]
     if plot_curves(manifest, docs / "figures" / "loss_curves.png"):
