@@ -19,11 +19,12 @@ Every main action is a named endpoint, usable from Python with ``gradio_client``
     # purify (streams one output per reverse step; .outputs() keeps every one)
     job = client.submit("mnist", img, "7", "gaussian", 0.3, 0.1, 0.2, 10, 1, 2, 0,
                         "tt-r2", 100, "ddim", 10, api_name="/purify")
-    final = job.result()      # x_t, predicted x_0, progress, corrupted, 3 x top-3, plot, strip, GIF
+    final = job.result()      # x_t, predicted x_0, progress, corrupted, 3 x top-3, plot, strip, GIF,
+                              # perturbation, its sizes (L-inf, L2, PSNR, SSIM), the run as a ZIP
     frames = job.outputs()    # every streamed update
-    # compare dense and every TT rank: (gallery, table, status)
-    gallery, table, status = client.predict("mnist", img, "7", "gaussian", 0.3, 0.1, 0.2, 10, 1, 2, 0,
-                                            "tt-r2", 100, "ddim", 10, api_name="/compare")
+    # compare dense and every TT rank: (gallery, table, status, table as CSV)
+    gallery, table, status, csv = client.predict("mnist", img, "7", "gaussian", 0.3, 0.1, 0.2, 10, 1, 2, 0,
+                                                 "tt-r2", 100, "ddim", 10, api_name="/compare")
 
 The inputs of /corrupt, /purify and /compare are, in order: dataset, image, true label (a class
 name, or "unknown"), corruption (none, gaussian, salt_pepper, pgd_linf, adaptive), sigma, p, eps,
@@ -51,13 +52,13 @@ import pandas as pd
 import torch
 
 from tendiff.classical import CLASSICAL
-from tendiff.checkpoints import CheckpointIntegrityError, CheckpointNotFoundError
+from tendiff.checkpoints import CheckpointIntegrityError, CheckpointNotFoundError, checkpoint_name
 from tendiff.data import CLASS_NAMES, DATASETS, IMAGE_SHAPE
 from tendiff.diffusion import METHODS
-from render import display_scale, gif_bytes, layer_figure, strip_image, to_pil
-from tendiff.pipeline import (APP_CORRUPTIONS, DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_STEPS, DEFAULT_T_STAR,
-                              CorruptionSpec, PurifySpec, Studio, check_dataset, check_label, parameter_table,
-                              prepare_image, topk)
+from render import display_scale, gif_bytes, layer_figure, perturbation_image, run_zip, strip_image, to_pil
+from tendiff.pipeline import (APP_CORRUPTIONS, CENTRING, DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_STEPS,
+                              DEFAULT_T_STAR, CorruptionSpec, PurifySpec, Studio, attack_measures, check_dataset,
+                              check_label, drawn_image, parameter_table, prepare_image, run_record, topk)
 from tendiff.protocol import CORRUPTIONS, DATASET_TITLES, STRENGTH, T_STAR, purifier_title
 from tendiff.runtime import tune_allocator
 from tendiff.tt import channel_modes, tt_param_count
@@ -71,7 +72,7 @@ UNKNOWN = "unknown (use the classifier's prediction)"
 DEFAULT_EXAMPLE = "mnist_7_0.png"
 DISPLAY = 224  # display size of the small images (nearest-neighbour enlargement)
 HEAVY_CONCURRENCY = int(os.environ.get("TENDIFF_CONCURRENCY", "1"))  # heavy runs at a time (2-core CPU: 1)
-MAX_GIFS = 128  # GIFs kept in the app's temp folder
+MAX_GIFS = 128  # GIFs kept in the app's temp folder (and as many run ZIPs, compare CSVs)
 MAX_PNG_FOLDERS = 4000  # displayed PNGs kept in the app's temp folder
 FRAME_INTERVAL = float(os.environ.get("TENDIFF_FRAME_INTERVAL", "0.1"))  # seconds between streamed frames
 # Frames that compute faster than the eye are paced FRAME_INTERVAL apart, but never by more than
@@ -80,6 +81,7 @@ STREAM_BUDGET = float(os.environ.get("TENDIFF_STREAM_BUDGET", "0.25"))
 CSS = """
 .pixelated img, img.pixelated, .gallery img, #input-image img { image-rendering: pixelated; }
 #input-image img { width: 100% !important; height: 100% !important; object-fit: contain; }
+#perturbation img { image-rendering: pixelated; }
 #threat-line { font-weight: 600; }
 #examples .grid-container { grid-template-columns: repeat(10, minmax(0, 1fr)) !important; }
 #compare-gallery .grid-container { grid-template-columns: repeat(5, minmax(0, 1fr)) !important; }
@@ -243,6 +245,62 @@ def threat_text(kind, eps=0.2, attack_steps=10, eot=1, surrogate=2) -> str:
         return str(exc)
 
 
+def attack_text(measures: dict) -> str:
+    """One line: the perturbation's size and how close the corrupted and purified images are to the clean one."""
+    m = measures
+    if m["linf"] == 0:
+        head = "No perturbation (the corrupted image is the clean one)"
+        corrupted = "identical"
+    else:
+        head = (f"Perturbation (corrupted − clean; shown amplified, gray = no change): L∞ **{m['linf']:.3f}**, "
+                f"L2 **{m['l2']:.2f}** (pixel units, [0, 1])")
+        corrupted = f"PSNR {m['psnr_corrupted']:.1f} dB, SSIM {m['ssim_corrupted']:.3f}"
+    return (f"{head} · against the clean image: corrupted {corrupted}; "
+            f"purified PSNR {m['psnr_purified']:.1f} dB, SSIM {m['ssim_purified']:.3f}")
+
+
+def _keep_newest(pattern: str, keep: int = MAX_GIFS) -> None:
+    for old in sorted(_tmp.glob(pattern), key=lambda f: f.stat().st_mtime)[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def _write(path: Path, data: bytes) -> str:
+    """Write a file atomically (a client may be downloading the previous run's) and return its path."""
+    staging = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+    staging.write_bytes(data)
+    staging.replace(path)
+    return str(path)
+
+
+def run_files(dataset, key, result, requested: PurifySpec, y, measures) -> tuple[str, str]:
+    """The run's GIF and its ZIP (images, steps, GIF, run.json), written once per run and kept for a while."""
+    tag = abs(hash(key))
+    gif = _tmp / f"purification_{tag}.gif"
+    if not gif.exists():
+        _write(gif, gif_bytes(result.frames))
+        _keep_newest("purification_*.gif")
+    done = result.spec
+    archive = _tmp / f"tendiff_{dataset}_{done.model}_{result.corrupted.spec.kind}_seed{done.seed}_{tag % 10 ** 8}.zip"
+    if not archive.exists():
+        names = [checkpoint_name(dataset, "classifier")] + ([] if done.model in CLASSICAL else
+                                                             [checkpoint_name(dataset, done.model)])
+        entries = studio.manifest_entries()
+        record = run_record(result, requested, y, measures, {n: entries.get(n, {}).get("sha256") for n in names})
+        _write(archive, run_zip(result, record, gif.read_bytes(), display_scale(result.clean, DISPLAY)))
+        _keep_newest("tendiff_*.zip")
+    return str(gif), str(archive)
+
+
+def csv_file(table: pd.DataFrame, name: str) -> str:
+    """A table as a CSV file named ``name`` (plus a short content hash), for download."""
+    data = table.to_csv(index=False).encode()
+    path = _tmp / f"{name}_{hashlib.sha1(data).hexdigest()[:8]}.csv"
+    if not path.exists():
+        _write(path, data)
+        _keep_newest("*.csv")
+    return str(path)
+
+
 # ------------------------------------------------------------------------- handlers
 @user_errors
 def prepare(dataset: str, image):
@@ -251,6 +309,27 @@ def prepare(dataset: str, image):
         return None, ""
     prepared = _input(dataset, image)
     return show(prepared.tensor, "model_input"), prepared.message
+
+
+def use_drawing(drawing, last: str | None = None):
+    """A sketchpad drawing becomes the input image, as an upload would (the true label becomes
+    unknown); prepare() then shows it centred and scaled like the dataset's images. Returns (image,
+    true label, the drawing's hash, kept as ``last`` in the page's state).
+
+    The sketchpad reports a change also when it is shown again (the dataset switched back): the same
+    drawing as ``last`` changes nothing, so an example picked since stays the input. An emptied
+    drawing says "draw something first" (a warning: the input stays as it was)."""
+    composite = drawing.get("composite") if isinstance(drawing, dict) else drawing
+    try:
+        img = drawn_image(composite)
+    except ValueError as exc:
+        if last:  # the drawing that was the input has been cleared or erased
+            gr.Warning(f"{exc}; the input is still the last drawing")
+        return gr.skip(), gr.skip(), None
+    key = hashlib.sha1(img.tobytes()).hexdigest()
+    if key == last:
+        return gr.skip(), gr.skip(), last
+    return png_file(img, "drawing"), UNKNOWN, key
 
 
 @user_errors
@@ -282,7 +361,7 @@ def purify(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, s
     x = _input(dataset, image).tensor
     skip = gr.skip()
     if corruption.kind == "adaptive":  # can take a while: say so before it starts (one extra update)
-        yield (skip, skip, f"Running the adaptive attack first: {corruption.cost()}") + (skip,) * 7
+        yield (skip, skip, f"Running the adaptive attack first: {corruption.cost()}") + (skip,) * 10
     corrupted = studio.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star)
     clean_probs = label_dict(dataset, studio.probs(dataset, x)[0])
     corrupted_probs = label_dict(dataset, studio.probs(dataset, corrupted.tensor)[0])
@@ -301,14 +380,11 @@ def purify(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, s
         head = (show(frame.x_t, "x_t"), show(frame.pred_x0, "predicted_x0"), progress)
         if result is None:
             rest = ((show(corrupted.tensor, "corrupted"), clean_probs, corrupted_probs) if first else (skip, skip, skip))
-            yield head + rest + ((None, None, None, None) if first else (skip, skip, skip, skip))  # clear the last run
+            yield head + rest + ((None,) * 7 if first else (skip,) * 7)  # clear the last run
             first = False
             continue
-        gif = _tmp / f"purification_{abs(hash(studio.run_key(dataset, x, y, corruption, spec)))}.gif"
-        if not gif.exists():
-            gif.write_bytes(gif_bytes(result.frames))
-            for old in sorted(_tmp.glob("*.gif"), key=lambda f: f.stat().st_mtime)[:-MAX_GIFS]:
-                old.unlink(missing_ok=True)
+        measures = attack_measures(result)
+        gif, archive = run_files(dataset, studio.run_key(dataset, x, y, corruption, spec), result, spec, y, measures)
         done = result.spec
         how = (f"one pass of the classical {done.model} filter" if done.model in CLASSICAL else
                f"{done.steps} {done.method} step(s) from t* = {done.t_star} with {done.model}")
@@ -318,7 +394,9 @@ def purify(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, s
         yield (show(frame.x_t, "x_t"), show(frame.pred_x0, "purified"), summary, show(corrupted.tensor, "corrupted"),
                clean_probs, corrupted_probs,
                label_dict(dataset, result.probs_purified), _plot_frame(result.frames),
-               png_file(strip_image(result.frames, scale=max(1, 84 // IMAGE_SHAPE[dataset][1])), "steps"), str(gif))
+               png_file(strip_image(result.frames, scale=max(1, 84 // IMAGE_SHAPE[dataset][1])), "steps"), gif,
+               png_file(perturbation_image(x, corrupted.tensor, display_scale(x, DISPLAY)), "perturbation"),
+               attack_text(measures), archive)
 
 
 @user_errors
@@ -329,7 +407,8 @@ def compare(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, 
                               adaptive_t)
     x = _input(dataset, image).tensor
     columns = ["model", "prediction", "confidence", "true-class confidence", "parameters", "compression", "seconds"]
-    for rows in studio.compare(dataset, x, true_label, corruption, spec):
+    models = studio.available_purifiers(dataset)  # fixed now: a checkpoint added meanwhile joins the next run
+    for rows in studio.compare(dataset, x, true_label, corruption, spec, models=models):
         gallery, table = [], []
         for r in rows:
             if not r.available:
@@ -340,7 +419,9 @@ def compare(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, 
             table.append([r.model, r.prediction, round(r.confidence, 3), round(r.true_confidence, 3), r.parameters,
                           round(r.compression, 2) if r.parameters else None, round(r.seconds, 3)])
         status = f"{len(rows)} purifier(s) done; the same corrupted input and seed {spec.seed} for every one."
-        yield gallery, pd.DataFrame(table, columns=columns), status
+        frame = pd.DataFrame(table, columns=columns)
+        last = len(rows) == len(models)  # the final update carries the table as a CSV file
+        yield gallery, frame, status, (csv_file(frame, f"tendiff_compare_{dataset}_seed{spec.seed}") if last else None)
 
 
 @user_errors
@@ -448,18 +529,33 @@ def guidance(dataset, image, true_label, t_star, seed):
 
 
 # ------------------------------------------------------------------------ the page
+# Gradio's sketchpad starts with no tool chosen ("select the draw tool to start"): once it is on
+# screen (the accordion opened), choose the brush. Tries for about 3 s.
+PICK_BRUSH = """() => {
+  let tries = 0;
+  const pick = () => {
+    const brush = document.querySelector('#sketch button[aria-label="Brush"]');
+    const waiting = document.querySelector('#sketch')?.innerText.includes('select the draw tool');
+    if (brush && waiting) brush.click();
+    if ((!brush || waiting) && tries++ < 15) setTimeout(pick, 200);
+  };
+  setTimeout(pick, 100);
+}"""
+
+
 def dataset_changed(dataset):
     check_dataset(dataset)
     ex = examples(dataset)
     models = studio.available_purifiers(dataset)
     model = DEFAULT_MODEL if DEFAULT_MODEL in models else (models[0] if models else None)
     first = ex[0][0] if ex else None
-    cleared = (None,) * 10  # the previous dataset's results
+    cleared = (None,) * 13  # the previous dataset's results
     strength = STRENGTH[dataset]  # the protocol's strengths for this dataset (e.g. eps 8/255 on CIFAR-10)
     return (gr.update(value=ex), gr.update(value=first),
             gr.update(choices=[UNKNOWN] + CLASS_NAMES[dataset], value=label_from_path(dataset, first) or UNKNOWN),
             gr.update(choices=model_choices(models), value=model), studio.status(dataset)) + cleared + (
-            strength["gaussian"], strength["salt_pepper"], round(strength["pgd_linf"], 3), T_STAR[dataset])
+            strength["gaussian"], strength["salt_pepper"], round(strength["pgd_linf"], 3), T_STAR[dataset],
+            gr.update(visible=dataset in CENTRING))  # drawing: only where drawings are centred like the data
 
 
 def example_selected(dataset, evt: gr.SelectData):
@@ -505,6 +601,16 @@ def build_demo() -> gr.Blocks:
                             value=default_image, type="filepath", image_mode=None, format="png",
                             sources=["upload", "clipboard"], label="Input image (upload any image)", height=200,
                             elem_id="input-image", elem_classes=["pixelated"]))
+                        # Only for the gray datasets, whose drawings prepare_image centres like their images.
+                        with gr.Accordion("Draw your own", open=False, elem_id="draw",
+                                          visible=default_ds in CENTRING) as draw_box:
+                            # Black ink on white paper: prepare_image inverts it, then centres and scales it.
+                            sketch = gr.Sketchpad(
+                                label="Draw with the mouse", show_label=False, type="numpy",
+                                image_mode="L", format="png", canvas_size=(280, 280), fixed_canvas=True, height=320,
+                                brush=gr.Brush(default_size=22, colors=["#000000"], color_mode="fixed"),
+                                layers=False, transforms=(), elem_id="sketch")
+                            drawn = gr.State(None)  # the hash of the drawing last made the input
                         true_label = gr.Dropdown([UNKNOWN] + CLASS_NAMES[default_ds], value=label_from_path(default_ds, default_image),
                                                  label="True label", elem_id="true-label",
                                                  # The choices follow the dataset in the browser, but an API
@@ -566,10 +672,16 @@ def build_demo() -> gr.Blocks:
                                              "clean image (orange)",
                                        color_map={"true-class confidence": "#1f77b4", "RMSE to clean image": "#ff7f0e"},
                                        y_lim=[0, 1], height=300, scale=2, elem_id="trajectory")
-                with gr.Row():
+                with gr.Row(equal_height=True):
                     strip = gr.Image(label="Steps: x_t (top), predicted clean image (bottom)", format="png",
-                                     interactive=False, scale=3, elem_id="strip")
-                    gif = gr.File(label="GIF of the run", scale=1, elem_id="gif")
+                                     interactive=False, scale=3, height=220, elem_id="strip")
+                    perturb = gr.Image(label="Perturbation, amplified", format="png",
+                                       interactive=False, height=220, scale=1, min_width=180, elem_id="perturbation")
+                attack_line = gr.Markdown(elem_id="attack-line")
+                with gr.Row():
+                    gif = gr.File(label="GIF of the run", height=90, elem_id="gif")
+                    run_zip_file = gr.File(label="The run as a ZIP: PNGs (native and enlarged), steps, GIF, run.json "
+                                                 "(settings, seed, t*, predictions, sizes)", height=90, elem_id="run-zip")
             with gr.Tab("Compare ranks", id="compare"):
                 gr.Markdown("Runs the input, corruption, t*, sampler, steps and seed set on the Purify tab through "
                             "the dense purifier and every TT rank. Compression is the dense U-Net's parameter count "
@@ -581,6 +693,7 @@ def build_demo() -> gr.Blocks:
                 compare_gallery = gr.Gallery(label="Purified by each model", columns=5, height=300, format="png",
                                              allow_preview=False, elem_id="compare-gallery", elem_classes=["pixelated"])
                 compare_table = gr.Dataframe(label="Results", elem_id="compare-table", interactive=False)
+                compare_csv = gr.File(label="The table as CSV", elem_id="compare-csv")
             with gr.Tab("Learn", id="learn"):
                 gr.Markdown("### Tensor-train cores\nEach 3x3 convolution kernel W[o, i, a, b] of a TT purifier is "
                             "stored as small cores, one per mode, and rebuilt as their contraction.")
@@ -614,13 +727,14 @@ def build_demo() -> gr.Blocks:
         # ---------------------------------------------------------------- events
         run_inputs = [dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model,
                       t_star]
-        # The input is prepared once per user action (upload, example, dataset). Not on image.change:
+        # The input is prepared once per user action (upload, example, drawing, dataset). Not on image.change:
         # the browser fires that two or three times for one upload, and a bad upload then showed
         # its error toast as many times.
         light = dict(concurrency_id="light", concurrency_limit=4)
         dataset_ev = dataset.change(dataset_changed, dataset, [gallery, image, true_label, model, status, corrupted, x_t,
                                                                x0, progress, lab_clean, lab_corrupt, lab_pure, plot,
-                                                               strip, gif, sigma, p, eps, t_star],
+                                                               strip, gif, perturb, attack_line, run_zip_file, sigma,
+                                                               p, eps, t_star, draw_box],
                                     api_visibility="private", queue=False)
         dataset_ev.then(prepare, [dataset, image], [seen, seen_msg], api_name="prepare_dataset_default",
                         api_visibility="private", **light)
@@ -634,6 +748,11 @@ def build_demo() -> gr.Blocks:
             lambda: (None, UNUSABLE_UPLOAD), None, [seen, seen_msg], api_visibility="private", queue=False)
         image.clear(lambda: (None, "No input image: upload one or pick an example."), None, [seen, seen_msg],
                     api_visibility="private", queue=False)
+        draw_box.expand(None, js=PICK_BRUSH)  # the sketchpad opens with its brush in hand
+        # A drawing takes the upload's path: it becomes the input image, the label unknown, then prepared.
+        sketch.change(use_drawing, [sketch, drawn], [image, true_label, drawn], api_name="use_drawing",
+                      api_visibility="private", **light).success(
+            prepare, [dataset, image], [seen, seen_msg], api_name="prepare_drawing", api_visibility="private", **light)
         demo.load(prepare, [dataset, image], [seen, seen_msg], api_name="initial_prepare", api_visibility="private")
         demo.load(learn_params, [dataset, rank], [params_text, params_plot], api_name="initial_params",
                   api_visibility="private")
@@ -646,7 +765,7 @@ def build_demo() -> gr.Blocks:
             c.release(threat_text, kind_inputs, threat, api_visibility="private", queue=False)
         t_star.change(noise_text, t_star, t_text, api_visibility="private", queue=False)
         t_star.release(learn_schedule, t_star, [schedule_plot, schedule_text], api_name="learn_schedule")
-        results = [x_t, x0, progress, lab_pure, plot, strip, gif]  # what a purification shows
+        results = [x_t, x0, progress, lab_pure, plot, strip, gif, perturb, attack_line, run_zip_file]  # what a run shows
         corrupt_btn.click(lambda: (None,) * len(results), None, results, api_visibility="private", queue=False)
         image.change(lambda: (None,) * (len(results) + 3), None, results + [corrupted, lab_clean, lab_corrupt],
                      api_visibility="private", queue=False)  # a new input: the old results no longer apply
@@ -654,10 +773,11 @@ def build_demo() -> gr.Blocks:
                                        api_name="corrupt", show_progress="minimal", **heavy)
         purify_ev = purify_btn.click(
             purify, run_inputs + [method, steps, adaptive_t],
-            [x_t, x0, progress, corrupted, lab_clean, lab_corrupt, lab_pure, plot, strip, gif],
+            [x_t, x0, progress, corrupted, lab_clean, lab_corrupt, lab_pure, plot, strip, gif, perturb, attack_line,
+             run_zip_file],
             api_name="purify", show_progress="hidden", **heavy)
         compare_ev = compare_btn.click(compare, run_inputs + [method, steps, adaptive_t],
-                                       [compare_gallery, compare_table, compare_status], api_name="compare",
+                                       [compare_gallery, compare_table, compare_status, compare_csv], api_name="compare",
                                        show_progress="minimal", **heavy)
         learn_ev = learn_btn.click(learn_layer, [dataset, learn_model, learn_layer_dd],
                                    [learn_model, learn_layer_dd, layer_plot, layer_text], api_name="learn_layer", **heavy)

@@ -1,15 +1,18 @@
-"""Pictures for the Studio UI: images enlarged for display, the step strip, the GIF of a run and
-the Learn tab's core figure. Pure functions of tensors and frames (no Gradio)."""
+"""Pictures for the Studio UI: images enlarged for display, the step strip, the GIF of a run, the
+perturbation made visible, a run's ZIP archive and the Learn tab's core figure. Pure functions of
+tensors and frames (no Gradio)."""
 from __future__ import annotations
 
 import io
+import json
+import zipfile
 from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from tendiff.pipeline import Frame
+from tendiff.pipeline import Frame, RunResult
 
 
 def to_pil(x: torch.Tensor, scale: int = 1) -> Image.Image:
@@ -57,6 +60,50 @@ def strip_image(frames: Sequence[Frame], max_frames: int = 11, scale: int = 3) -
         canvas.paste(a, (k * (w + gap), 0))
         canvas.paste(b, (k * (w + gap), h + gap))
     return canvas
+
+
+def perturbation_image(clean: torch.Tensor, corrupted: torch.Tensor, scale: int = 1) -> Image.Image:
+    """The perturbation delta = corrupted - clean made visible: 0.5 + delta / (2 max|delta|), so
+    mid-gray is no change, white the largest increase, black the largest decrease (all mid-gray
+    when nothing changed); per channel for colour images."""
+    delta = (corrupted - clean).detach().cpu().float()
+    peak = float(delta.abs().max())
+    return to_pil(0.5 + delta / (2 * peak) if peak > 0 else torch.full_like(delta, 0.5), scale)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def run_zip(result: RunResult, record: dict, gif: bytes | None = None, scale: int | None = None) -> bytes:
+    """A run as a ZIP: clean, corrupted, purified and the visible perturbation as PNGs at native size
+    and enlarged ``scale`` times (nearest; default: to about 224 pixels), the step strip, the GIF
+    (``gif``, or made here) and ``run.json`` (``record``: settings, seed, t*, predictions, measures)."""
+    scale = scale or display_scale(result.clean)
+    images = {"clean": to_pil(result.clean), "corrupted": to_pil(result.corrupted.tensor),
+              "purified": to_pil(result.purified),
+              "perturbation": perturbation_image(result.clean, result.corrupted.tensor)}
+    files = {}
+    for name, img in images.items():
+        files[f"{name}.png"] = _png(img)
+        files[f"{name}_x{scale}.png"] = _png(img.resize((img.width * scale, img.height * scale), Image.NEAREST))
+    files["steps.png"] = _png(strip_image(result.frames, scale=max(1, 84 // result.clean.shape[-1])))
+    files["purification.gif"] = gif if gif is not None else gif_bytes(result.frames)
+    record = dict(record, files={
+        "clean.png, corrupted.png, purified.png": "native size (the model's input and output)",
+        f"*_x{scale}.png": f"the same, enlarged {scale}x (nearest neighbour)",
+        "perturbation.png": "0.5 + delta / (2 max|delta|), delta = corrupted - clean",
+        "steps.png": "evenly chosen reverse steps: x_t (top), predicted clean image (bottom)",
+        "purification.gif": "every reverse step: x_t | predicted clean image",
+    })
+    files["run.json"] = json.dumps(record, indent=2).encode()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
 
 
 def layer_figure(view: dict):

@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
 from . import attacks, classical, cli
@@ -43,6 +42,7 @@ from .adaptive import purify_adaptive
 from .classical import CLASSICAL
 from .classifiers import predict as class_probabilities
 from .data import DATASETS, load_dataset
+from .metrics import psnr, ssim
 from .defense import resubmission_accuracy, vote, vote_seeds
 from .diffusion import METHODS, GaussianDiffusion, purify_chunks
 from .protocol import ADAPTIVE_T_STAR, CORRUPTIONS as PROTOCOL, LADDER, STRENGTH, T_STAR, corrupt
@@ -102,22 +102,6 @@ def wilson_interval(correct: float, n: int, z: float = 1.96) -> tuple[float, flo
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def psnr(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [0, 1] (skimage's formula; identical images: 100 dB, not inf)."""
-    mse = (x - ref).pow(2).flatten(1).mean(1).clamp(min=1e-10)
-    return 10 * torch.log10(1.0 / mse)
-
-
-def ssim(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (scikit-image, with Wang et al. 2004's Gaussian window, sigma 1.5), averaged
-    over channels."""
-    def one(a, b):
-        return structural_similarity(a.permute(1, 2, 0).double().numpy(), b.permute(1, 2, 0).double().numpy(),
-                                     channel_axis=-1, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                     use_sample_covariance=False)
-    return torch.tensor([one(a, b) for a, b in zip(x.detach().cpu(), ref.detach().cpu())], dtype=torch.float32)
 
 
 # --------------------------------------------------------------- defenses

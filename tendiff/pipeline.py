@@ -5,7 +5,8 @@ each dataset from the committed checkpoints (:func:`tendiff.checkpoints.load_mod
 then the Hub), and runs the three stages of a demo request:
 
 1. :func:`prepare_image` turns any upload (path, bytes, PIL image, array) into the tensor the
-   models see: the dataset's size and colour mode, in [0, 1], MNIST-like digits white on black;
+   models see: the dataset's size and colour mode, in [0, 1], MNIST-like digits white on black,
+   drawings and photos centred and scaled like the dataset's images;
 2. :meth:`Studio.corrupt` applies a corruption or an attack (:mod:`tendiff.attacks`);
 3. :meth:`Studio.purify_stream` streams the reverse diffusion (:func:`tendiff.diffusion.purify`),
    one :class:`Frame` per step with the classifier's view of each step.
@@ -22,7 +23,7 @@ import io
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -36,6 +37,7 @@ from .checkpoints import CheckpointNotFoundError, checkpoint_name, load_model, m
 from .classifiers import predict
 from .data import CLASS_NAMES, DATASETS, IMAGE_SHAPE, check_dataset
 from .diffusion import METHODS, GaussianDiffusion, purify
+from .metrics import psnr, ssim
 from .classical import CLASSICAL, available as classical_available, estimate_noise, purify as classical_purify
 from .protocol import ADAPTIVE_T_STAR, CORRUPTIONS, DATASET_TITLES, PURIFIERS, T_STAR, corrupt, parse_model_label
 from .tt import TTConv2d, count_parameters, tt_layers, tt_param_count, dense_param_count
@@ -210,6 +212,97 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
     raise ValueError(f"an image array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
 
 
+# How the MNIST-like datasets' images were made, for drawings and photos to look the same.
+@dataclass(frozen=True)
+class Centring:
+    box: int  # the ink's longer side, in pixels of the 28x28 field
+    by: str  # "mass": centre of mass at the field's centre (LeCun); "box": bounding box centred
+    note: str  # what prepare_image's message says
+
+
+CENTRING = {
+    # LeCun et al.: the NIST digit, aspect kept, antialiased into a 20x20 box, then placed in 28x28
+    # with its centre of mass at the centre.
+    "mnist": Centring(20, "mass", "cropped to the ink, centred and scaled like MNIST digits (20 px box, centre "
+                                  "of mass in the middle)"),
+    # Xiao et al. (Zalando): the product trimmed, its longer edge resized to 28, centred; the bundled
+    # examples fill the field the same way (a box of 28 on the longer side).
+    "fashion_mnist": Centring(28, "box", "cropped to the ink, centred and scaled like Fashion-MNIST items "
+                                         "(longer side 28 px)"),
+}
+INVERTED = "inverted (light background; these models expect a light object on black)"
+EMPTY_DRAWING = "the drawing is empty: draw something first"
+INK_LEVELS = 16  # below this many 8-bit levels above the background, an image holds no ink
+
+
+def _light_background(arr: np.ndarray) -> bool:
+    """Whether a gray image's border is light (a dark object on white: to be inverted)."""
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    return float(border.mean()) > 127
+
+
+def in_dataset_format(img: Image.Image, size: tuple[int, int]) -> bool:
+    """The rule for "already a dataset image": exactly ``size``, or an exact nearest-neighbour
+    enlargement of an image of that size (each k x k block holds one value)."""
+    w, h = img.size
+    if (w, h) == size:
+        return True
+    k = w // size[0]
+    if k < 2 or (w, h) != (size[0] * k, size[1] * k):
+        return False
+    arr = np.asarray(img)
+    blocks = arr.reshape(size[1], k, size[0], k, *arr.shape[2:])
+    return bool((blocks == blocks[:, :1, :, :1]).all())
+
+
+def centre_like_dataset(arr: np.ndarray, dataset: str, size: int = 28) -> np.ndarray | None:
+    """A gray image, light ink on dark (any size), made like the dataset's images: the background
+    level (the border's median) subtracted, the ink's bounding box cropped, scaled (aspect kept,
+    antialiased) so that its longer side is ``CENTRING[dataset].box`` pixels and pasted into a
+    ``size`` x ``size`` field, by its centre of mass (MNIST) or its box (Fashion-MNIST); the ink's
+    brightest level becomes 255. Returns uint8 (size, size), or None when there is no ink."""
+    rule = CENTRING[dataset]
+    a = np.asarray(arr, dtype=np.float32)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    a = np.clip(a - np.median(border), 0, None)
+    peak = float(a.max())
+    if peak < INK_LEVELS:
+        return None
+    ys, xs = np.nonzero(a > peak / 8)  # the ink's box (faint antialiasing and noise left out)
+    crop = a[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1] * (255.0 / peak)
+    h, w = crop.shape
+    scale = rule.box / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    patch = np.asarray(Image.fromarray(crop, "F").resize((nw, nh), Image.LANCZOS), dtype=np.float32)
+    patch = np.clip(patch, 0, 255)
+    if rule.by == "mass" and patch.sum() > 0:
+        cy = float((patch.sum(1) * np.arange(nh)).sum() / patch.sum())
+        cx = float((patch.sum(0) * np.arange(nw)).sum() / patch.sum())
+        oy, ox = round(size / 2 - cy), round(size / 2 - cx)
+    else:
+        oy, ox = (size - nh) // 2, (size - nw) // 2
+    oy, ox = min(max(oy, 0), size - nh), min(max(ox, 0), size - nw)  # the whole box stays in the field
+    field = np.zeros((size, size), np.float32)
+    field[oy: oy + nh, ox: ox + nw] = patch
+    return np.round(field).astype(np.uint8)
+
+
+def drawn_image(drawing) -> Image.Image:
+    """A sketchpad's composite (array or PIL image, any mode; transparency counts as white paper)
+    as a gray PIL image; refuses an empty drawing with a message."""
+    if drawing is None:
+        raise ValueError(EMPTY_DRAWING)
+    img = drawing if isinstance(drawing, Image.Image) else _array_to_pil(np.asarray(drawing))
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        paper = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(paper, img.convert("RGBA"))
+    gray = img.convert("L")
+    lo, hi = gray.getextrema()
+    if hi - lo < INK_LEVELS:
+        raise ValueError(EMPTY_DRAWING)
+    return gray
+
+
 def prepare_image(image, dataset: str, limits: Limits = Limits()) -> Prepared:
     """Any upload -> the (1, C, H, W) tensor in [0, 1] that the dataset's models take.
 
@@ -221,6 +314,12 @@ def prepare_image(image, dataset: str, limits: Limits = Limits()) -> Prepared:
     factors, so an image enlarged with nearest-neighbour comes back exactly; Lanczos otherwise),
     converts to the dataset's colour mode, and for MNIST-like datasets (white digit on black)
     inverts a gray image whose border is light.
+
+    For the MNIST-like datasets a drawing, photo or scan is also centred and scaled the way the
+    dataset's images were made (:func:`centre_like_dataset`). The rule for "already in the
+    dataset's format, leave it alone": a gray image that is exactly 28x28, or an exact
+    nearest-neighbour enlargement of a 28x28 image (every k x k block one value: a bundled example
+    or a saved model view, enlarged). Everything else with ink on it is centred; a blank image is not.
     """
     check_dataset(dataset)
     if isinstance(image, torch.Tensor):
@@ -261,23 +360,32 @@ def prepare_image(image, dataset: str, limits: Limits = Limits()) -> Prepared:
         steps.append(f"converted from {source_mode} to grayscale")
     elif img.mode == "RGB" and source_mode != "RGB":
         steps.append(f"converted from {source_mode} to RGB" + (" (gray copied to 3 channels)" if source_mode in ("L", "1", "F") else ""))
-    if w != h:
-        side = min(w, h)
-        img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-        steps.append("cropped to the centre square")
-    if img.size != (W, H):
-        factor = img.size[0] / W
-        exact = factor == int(factor) and img.size[1] == H * int(factor)
-        img = img.resize((W, H), Image.BOX if exact else Image.LANCZOS)
-        steps.append(f"resized to {W}x{H}")
-    inverted = False
-    arr = np.asarray(img, dtype=np.uint8)
-    if c == 1:
-        border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
-        if border.mean() > 127:
+    centred = None
+    if dataset in CENTRING and not in_dataset_format(img, (W, H)):
+        full = np.asarray(img, dtype=np.uint8)
+        light = _light_background(full)
+        centred = centre_like_dataset(255 - full if light else full, dataset)
+    if centred is not None:  # the centring crops and scales the ink itself: no centre square, no resize
+        arr, inverted = centred, light
+        if inverted:
+            steps.append(INVERTED)
+        steps.append(CENTRING[dataset].note)
+    else:
+        if w != h:
+            side = min(w, h)
+            img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+            steps.append("cropped to the centre square")
+        if img.size != (W, H):
+            factor = img.size[0] / W
+            exact = factor == int(factor) and img.size[1] == H * int(factor)
+            img = img.resize((W, H), Image.BOX if exact else Image.LANCZOS)
+            steps.append(f"resized to {W}x{H}")
+        inverted = False
+        arr = np.asarray(img, dtype=np.uint8)
+        if c == 1 and _light_background(arr):
             arr = 255 - arr
             inverted = True
-            steps.append("inverted (light background; these models expect a light object on black)")
+            steps.append(INVERTED)
     tensor = torch.from_numpy(arr.copy()).float().div(255)
     tensor = tensor[None, None] if c == 1 else tensor.permute(2, 0, 1)[None]
     mode = "gray" if c == 1 else "RGB"
@@ -365,6 +473,51 @@ def topk(dataset: str, probs: torch.Tensor, k: int = 3) -> list[tuple[str, float
     vals, idx = p.topk(min(k, p.numel()))
     names = CLASS_NAMES[dataset]
     return [(names[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
+
+
+def attack_measures(result: RunResult) -> dict:
+    """The size of the corruption and what purification did, in pixel units (images in [0, 1]):
+    the perturbation delta = corrupted - clean (L-inf, L2 over every pixel and channel), and PSNR
+    (dB) and SSIM of the corrupted and the purified image against the clean one
+    (:func:`tendiff.evaluate.psnr` / :func:`tendiff.evaluate.ssim`, the evaluation's own)."""
+    clean, corrupted, purified = result.clean, result.corrupted.tensor, result.purified
+    delta = (corrupted - clean).detach()
+    return {"linf": float(delta.abs().max()), "l2": float(delta.flatten().norm()),
+            "psnr_corrupted": float(psnr(corrupted, clean)[0]), "ssim_corrupted": float(ssim(corrupted, clean)[0]),
+            "psnr_purified": float(psnr(purified, clean)[0]), "ssim_purified": float(ssim(purified, clean)[0])}
+
+
+def _ranked(dataset: str, probs: torch.Tensor) -> list[dict]:
+    return [{"class": name, "probability": round(p, 6)} for name, p in topk(dataset, probs, len(CLASS_NAMES[dataset]))]
+
+
+def run_record(result: RunResult, requested: PurifySpec | None = None, true_label: int | None = None,
+               measures: dict | None = None, checkpoints: Mapping[str, str | None] | None = None) -> dict:
+    """Everything needed to read or repeat a run, as JSON-ready values: the settings (the
+    requested t*, "auto" for an adaptive one, and the t* used), the seed, the predictions with
+    every class's probability, the measures (:func:`attack_measures`) and the checkpoints' sha256."""
+    names = CLASS_NAMES[result.dataset]
+    spec = result.spec
+    t_requested = requested.t_star if requested is not None else spec.t_star
+    return {
+        "dataset": result.dataset,
+        "true_label": names[true_label] if true_label is not None else None,
+        "tracked_label": names[result.tracked_label],
+        "corruption": asdict(result.corrupted.spec) | {"threat_model": result.corrupted.threat},
+        "purifier": {"model": spec.model, "method": spec.method, "steps": spec.steps},
+        "seed": spec.seed,
+        "t_star": spec.t_star,
+        "t_star_requested": t_requested,
+        "adaptive_t_star": t_requested == "auto",
+        "t_star_note": result.t_star_note,
+        "noise_std_at_t_star": None if spec.model in CLASSICAL else round(result.frames[0].noise_std, 6),
+        "predictions": {"clean": _ranked(result.dataset, result.probs_clean),
+                        "corrupted": _ranked(result.dataset, result.probs_corrupted),
+                        "purified": _ranked(result.dataset, result.probs_purified)},
+        "measures": {k: round(v, 6) for k, v in (measures if measures is not None else attack_measures(result)).items()},
+        "seconds": round(result.seconds, 4),
+        "checkpoints": dict(checkpoints or {}),
+    }
 
 
 # ------------------------------------------------------------------------------ studio

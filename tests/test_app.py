@@ -67,7 +67,50 @@ def test_nearest_enlarged_image_comes_back_exactly():
     from render import to_pil
     big = to_pil(x, 8)
     assert big.size == (224, 224)
-    assert torch.equal(prepare_image(png_bytes(big), "mnist").tensor, x)
+    out = prepare_image(png_bytes(big), "mnist")
+    assert torch.equal(out.tensor, x) and "centred" not in out.message  # already in MNIST's format
+    shirt = prepare_image(ASSETS / "fashion_mnist_6_0.png", "fashion_mnist").tensor
+    assert torch.equal(prepare_image(png_bytes(to_pil(shirt, 5)), "fashion_mnist").tensor, shirt)
+
+
+def ink_geometry(x: torch.Tensor) -> tuple[int, float, float]:
+    """(longer side of the ink's bounding box, centre of mass row, column) of a (1, 1, H, W) image."""
+    a = x[0, 0].numpy()
+    ys, xs = np.nonzero(a > 0.05)
+    rows, cols = np.arange(a.shape[0]), np.arange(a.shape[1])
+    return (max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1),
+            float((a.sum(1) * rows).sum() / a.sum()), float((a.sum(0) * cols).sum() / a.sum()))
+
+
+def test_a_drawing_is_centred_and_scaled_like_mnist_digits():
+    from PIL import ImageDraw
+    canvas = Image.new("L", (280, 280), 0)  # a small, off-centre blob, white on black
+    ImageDraw.Draw(canvas).ellipse((20, 30, 50, 75), fill=255)
+    out = prepare_image(png_bytes(canvas), "mnist")
+    side, cy, cx = ink_geometry(out.tensor)
+    assert side == 20 and abs(cy - 14) <= 1 and abs(cx - 14) <= 1, (side, cy, cx)
+    assert "centred and scaled like MNIST digits" in out.message and not out.inverted
+    # The same blob in black on white paper (the sketchpad's ink): inverted, then centred the same way.
+    paper = Image.eval(canvas, lambda v: 255 - v)
+    inverted = prepare_image(png_bytes(paper), "mnist")
+    assert inverted.inverted and torch.equal(inverted.tensor, out.tensor)
+    # Fashion-MNIST items fill the field: the longer side becomes 28, the box centred.
+    side, cy, cx = ink_geometry(prepare_image(png_bytes(canvas), "fashion_mnist").tensor)
+    assert side == 28 and abs(cx - 14) <= 1.5
+    # A blank image has nothing to centre: converted as before. CIFAR-10 is never centred.
+    assert "centred" not in prepare_image(png_bytes(Image.new("L", (280, 280))), "mnist").message
+    assert "centred" not in prepare_image(png_bytes(canvas), "cifar10").message
+
+
+def test_an_empty_drawing_is_refused_with_a_message():
+    from tendiff.pipeline import drawn_image
+    with pytest.raises(ValueError, match="draw something first"):
+        drawn_image(np.full((280, 280), 255, np.uint8))
+    with pytest.raises(ValueError, match="draw something first"):
+        drawn_image(np.zeros((280, 280, 4), np.uint8))  # transparent: white paper, no ink
+    ink = np.full((280, 280), 255, np.uint8)
+    ink[100:180, 130:150] = 0
+    assert drawn_image(ink).size == (280, 280)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -222,6 +265,65 @@ def test_pipeline_purifies_cifar10_in_colour():
     assert "ready" in studio.status("cifar10")
 
 
+@needs_mnist
+@pytest.mark.parametrize("kind, t_star", [("pgd_linf", 100), ("gaussian", "auto")])
+def test_purify_handler_offers_the_run_as_a_zip(kind, t_star):
+    """The purify handler's final update: the perturbation, its sizes and a ZIP with the images,
+    the steps, the GIF and run.json (settings, seed, t* also when adaptive, predictions, measures)."""
+    import json
+    import zipfile
+    import app
+    args = ["mnist", str(ASSETS / "mnist_7_0.png"), "7", kind, 0.3, 0.1, 0.2, 5, 1, 2, 4, "tt-r2",
+            100 if t_star == "auto" else t_star, "ddim", 5, t_star == "auto"]
+    final = list(app.purify(*args))[-1]
+    summary, delta_png, sizes, archive = final[2], final[10], final[11], final[12]
+    assert summary.startswith("Done") and "Perturbation" in sizes and "SSIM" in sizes
+    with zipfile.ZipFile(archive) as zf:
+        names = set(zf.namelist())
+        record = json.loads(zf.read("run.json"))
+        clean = Image.open(io.BytesIO(zf.read("clean.png")))
+        big = Image.open(io.BytesIO(zf.read("purified_x8.png")))
+        with Image.open(io.BytesIO(zf.read("purification.gif"))) as gif:
+            assert gif.n_frames == 6
+    assert {"clean.png", "corrupted.png", "purified.png", "perturbation.png", "clean_x8.png", "corrupted_x8.png",
+            "purified_x8.png", "perturbation_x8.png", "steps.png", "purification.gif", "run.json"} <= names
+    assert clean.size == (28, 28) and big.size == (224, 224)
+    assert {"dataset", "true_label", "corruption", "purifier", "seed", "t_star", "t_star_requested",
+            "adaptive_t_star", "predictions", "measures", "checkpoints"} <= set(record)
+    assert record["seed"] == 4 and record["true_label"] == "7" and record["corruption"]["kind"] == kind
+    assert record["adaptive_t_star"] == (t_star == "auto") and isinstance(record["t_star"], int)
+    assert record["t_star_requested"] == t_star and (record["t_star_note"] != "") == (t_star == "auto")
+    for stage in ("clean", "corrupted", "purified"):
+        probs = record["predictions"][stage]
+        assert len(probs) == 10 and abs(sum(p["probability"] for p in probs) - 1) < 1e-3
+    m = record["measures"]
+    assert set(m) == {"linf", "l2", "psnr_corrupted", "ssim_corrupted", "psnr_purified", "ssim_purified"}
+    if kind == "pgd_linf":
+        assert abs(m["linf"] - 0.2) < 0.003 and m["l2"] > m["linf"]  # eps 0.2, up to 8-bit rounding
+    assert m["psnr_corrupted"] < 100 and -1 <= m["ssim_purified"] <= 1
+    assert image_size(delta_png) == (224, 224)
+
+
+@needs_mnist
+def test_a_drawing_becomes_the_input_through_the_handlers():
+    import app
+    paper = np.full((280, 280), 255, np.uint8)
+    paper[63:217, 131:158] = 0  # a "1", black on white as the sketchpad draws it
+    path, label, key = app.use_drawing({"background": None, "layers": [], "composite": paper})
+    assert label == app.UNKNOWN and image_size(path) == (280, 280) and key
+    seen, message = app.prepare("mnist", path)
+    assert image_size(seen) == (224, 224) and "centred and scaled like MNIST digits" in message
+    import gradio as gr
+    skip = gr.skip()
+    # The sketchpad shown again reports the same drawing: the input (maybe an example since) stays.
+    assert app.use_drawing({"composite": paper}, key) == (skip, skip, key)
+    # A drawing emptied (cleared, erased) says so and leaves the input as it was.
+    blank = {"background": None, "layers": [], "composite": np.full((280, 280), 255, np.uint8)}
+    with pytest.warns(UserWarning, match="draw something first"):
+        assert app.use_drawing(blank, key) == (skip, skip, None)
+    assert app.use_drawing(blank, None) == (skip, skip, None)  # an empty pad shown: nothing to say
+
+
 # --------------------------------------------------------------------- the app
 @pytest.fixture(scope="module")
 def client(app_url):
@@ -294,7 +396,7 @@ def test_purify_streams_one_update_per_step(client, method, steps, frames):
         outputs = job.outputs()
         assert len(outputs) == frames, (repeat, [o[2] for o in outputs])
         assert [o[2].split(" ·")[0] for o in outputs[:-1]] == [f"Step {i}/{frames - 1}" for i in range(frames - 1)]
-        x_t, x0, summary, corrupted, clean, attacked, purified, plot, strip, gif = final
+        x_t, x0, summary, corrupted, clean, attacked, purified, plot, strip, gif, delta, sizes, archive = final
         assert summary.startswith("Done") and ("cached" in summary) == (repeat == 1)
         assert image_size(x_t) == image_size(x0) == image_size(corrupted) == (224, 224)
         for lab in (clean, attacked, purified):
@@ -303,6 +405,8 @@ def test_purify_streams_one_update_per_step(client, method, steps, frames):
         assert image_size(strip)[1] == 2 * 84 + 6
         with Image.open(gif) as im:
             assert im.n_frames == frames
+        assert image_size(delta) == (224, 224) and "L∞ **" in sizes and "PSNR" in sizes
+        assert Path(archive).name.endswith(".zip")
 
 
 @pytest.mark.slow
@@ -354,7 +458,7 @@ def test_api_takes_labels_of_the_requested_dataset(client):
 
 @pytest.mark.slow
 def test_compare_endpoint(client):
-    gallery, table, status = client.predict(*run_args(seed=3), "ddim", 5, api_name="/compare")
+    gallery, table, status, csv = client.predict(*run_args(seed=3), "ddim", 5, api_name="/compare")
     expected = Studio().available_purifiers("mnist")
     assert [row[0] for row in table["data"]] == expected and any(m in CLASSICAL for m in expected)
     assert len(gallery) == len(expected) >= 2
@@ -362,6 +466,9 @@ def test_compare_endpoint(client):
         assert 0 <= row[2] <= 1 and row[6] > 0
         assert (row[4] == 0) if row[0] in CLASSICAL else (row[4] > 0 and row[5] > 0)
     assert f"{len(expected)} purifier(s) done" in status
+    import pandas as pd
+    saved = pd.read_csv(csv)
+    assert list(saved["model"]) == expected and list(saved.columns) == table["headers"]
 
 
 @pytest.mark.slow

@@ -156,6 +156,14 @@ def test_corrupt_with_pgd_states_the_threat_model(page):
     page.wait_for_function(f"(document.querySelector('#corrupted img')?.src || {before!r}) !== {before!r}")
     page.wait_for_selector("#pred-corrupted [data-testid=label-output-value], #pred-corrupted .output-class")
     assert not page.evaluate("document.querySelector('#x-t img')?.src"), "the last run's result was not cleared"
+    # Purified, the run shows the attack: the perturbation (amplified) and its size, eps = 0.3 up to 8-bit levels.
+    seconds, seen = run_purify(page)
+    page.wait_for_selector("#perturbation img")
+    page.wait_for_selector("#attack-line:has-text('Perturbation')")
+    line = text(page, "#attack-line")
+    assert re.search(r"L∞ 0\.30\d, L2 \d+\.\d\d", line) and "PSNR" in line and "SSIM" in line, line
+    page.wait_for_selector("#run-zip a, #run-zip .file-preview")
+    assert ".zip" in text(page, "#run-zip")
     shot(page, "04_corrupt_pgd")
     page.click("#corruption label:has-text('Adaptive')")
     page.wait_for_selector("#threat-line:has-text('the attack sees the purifier')")
@@ -172,6 +180,8 @@ def test_purify_streams_steps_and_offers_a_gif(page):
     assert re.match(r"Done: 20 ddim step", seen[-1])
     page.wait_for_selector("#gif a, #gif .file-preview")
     assert ".gif" in text(page, "#gif")
+    page.wait_for_selector("#run-zip a, #run-zip .file-preview")
+    assert ".zip" in text(page, "#run-zip")
     shot(page, "05_purify")
 
 
@@ -192,9 +202,58 @@ def test_stop_button_cancels_a_long_run(page):
     assert seen[-1].startswith("Done")
 
 
+def stroke(page, box, points) -> None:
+    """One stroke of the mouse through ``points`` (fractions of the box's width and height)."""
+    at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    page.mouse.move(*at[0])
+    page.mouse.down()
+    for x, y in at[1:]:
+        page.mouse.move(x, y, steps=12)
+    page.mouse.up()
+
+
+DRAW = "#draw .label-wrap, #draw button:has-text('Draw your own')"  # the accordion's header
+
+
+def test_draw_a_digit_and_purify_it(page):
+    before = page.evaluate("document.querySelector('#model-view img')?.src || ''")
+    page.click(DRAW)
+    page.wait_for_selector("#sketch canvas", state="visible")
+    # The sketchpad opens with the brush in hand: no "select the draw tool" prompt.
+    page.wait_for_function("!document.querySelector('#sketch').innerText.includes('select the draw tool')",
+                           timeout=10_000)
+    canvas = page.locator("#sketch canvas").first
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    # A 7, off-centre in the upper left of the paper (the white 280x280 square in the middle of the
+    # canvas element): the app crops, scales and centres it like an MNIST digit.
+    stroke(page, box, [(0.3, 0.25), (0.55, 0.23), (0.42, 0.62)])
+    page.wait_for_function("document.querySelector('#prepare-message').innerText"
+                           ".includes('centred and scaled like MNIST digits')")
+    assert "from a 280x280" in text(page, "#prepare-message")
+    page.wait_for_function("document.querySelector('#true-label input').value.startsWith('unknown')")
+    page.wait_for_function(f"(document.querySelector('#model-view img')?.src || {before!r}) !== {before!r}")
+    seconds, seen = run_purify(page)
+    assert seen[-1].startswith("Done"), seen
+    page.wait_for_selector("#pred-purified .output-class, #pred-purified [data-testid=label-output-value]")
+    shot(page, "11_draw_your_own")
+    # Clearing the pad says so; the drawing stays the input.
+    page.click("#sketch button[aria-label='Clear canvas']")
+    page.wait_for_selector("text=draw something first")
+    assert "centred" in text(page, "#prepare-message")
+    page.click(DRAW)  # closed again
+    page.wait_for_selector("#sketch canvas", state="hidden")
+    # Picking an example makes it the input again.
+    page.click("#examples button[aria-label='Thumbnail 4 of 20']")
+    page.wait_for_function("document.querySelector('#input-image img')?.src.includes('mnist_3_0')")
+    page.wait_for_function("document.querySelector('#prepare-message').innerText.includes('unchanged')")
+
+
 def test_cifar10_purifies_or_says_it_is_not_trained(page):
+    page.wait_for_selector("#draw", state="visible")
     page.click("#dataset label:has-text('CIFAR-10')")
     page.wait_for_function("document.querySelector('#prepare-message').innerText.includes('32x32 RGB')")
+    page.wait_for_selector("#draw", state="hidden", timeout=10_000)  # drawings are for the gray datasets
     page.wait_for_function("document.querySelector('#t-star input[type=number]').value === '100'")  # CIFAR's t*
     # The Learn tab's schedule (plot and text) follows the slider to CIFAR-10's t*.
     page.click("button[role=tab]:has-text('Learn')")
@@ -216,6 +275,10 @@ def test_cifar10_purifies_or_says_it_is_not_trained(page):
     page.click("#dataset [data-testid='MNIST-radio-label']")
     page.wait_for_selector("#status-line:has-text('ready')")
     page.wait_for_function("document.querySelector('#prepare-message').innerText.includes('28x28 gray')")
+    page.wait_for_selector("#draw", state="visible", timeout=10_000)
+    time.sleep(1.5)  # the sketchpad, shown again, reports its old drawing: that must not replace the example
+    assert "unchanged" in text(page, "#prepare-message")
+    assert not page.evaluate("document.querySelector('#true-label input').value").startswith("unknown")
 
 
 def test_compare_ranks(page):
@@ -230,6 +293,8 @@ def test_compare_ranks(page):
     for model in expected:
         assert model in table
     assert page.locator("#compare-gallery img").count() >= 1
+    page.wait_for_selector("#compare-csv a, #compare-csv .file-preview")
+    assert ".csv" in text(page, "#compare-csv")
     shot(page, "06_compare_ranks")
 
 

@@ -8,7 +8,8 @@ from tendiff.classifiers import build_classifier
 from tendiff.attacks import pgd_bpda
 from tendiff.defense import vote, vote_seeds
 from tendiff.diffusion import GaussianDiffusion
-from tendiff.evaluate import CLASSICAL_HEADING, EvalConfig, load_defenses, main as evaluate_main, psnr, ssim, wilson_interval
+from tendiff.evaluate import CLASSICAL_HEADING, EvalConfig, load_defenses, main as evaluate_main, wilson_interval
+from tendiff.metrics import psnr, ssim
 from tendiff.unet import UNet, preset, unet_from_dense
 
 

@@ -197,7 +197,7 @@ def test_twenty_clients_with_five_mixed_requests_each(app_url):
                 else:
                     args = purify_args(seed=i, model="dense", steps=2)
                     args[-2] = "one-step"
-                    gallery, table, status = c.predict(*args, api_name="/compare")
+                    gallery, table, status, _csv = c.predict(*args, api_name="/compare")
                     ok = "purifier(s) done" in status and len(gallery) >= 1
                 answers[(i, j)] = "ok" if ok else f"wrong answer from request kind {kind}"
                 peak[0] = max(peak[0], rss_mib())
