@@ -160,3 +160,18 @@ def test_merge_keeps_other_datasets_with_their_commands(tiny_world, capsys):
     assert table[0].startswith("| dataset | purifier | clean | Gaussian |")
     assert [row.split(" | ")[:2] for row in table[2:]] == [["| mnist", "none"], ["| mnist", "dense"],
                                                            ["| cifar10", "none"], ["| cifar10", "dense"]]
+
+
+def test_baseline_claims_compare_dense_with_the_best_classical_purifier():
+    from tendiff.evaluate import baseline_claims
+
+    def cell(acc, lo, hi):
+        return {"accuracy": acc, "ci95": [lo, hi]}
+    cells = {("gaussian", "dense"): cell(0.9, 0.88, 0.92), ("gaussian", "median3"): cell(0.7, 0.67, 0.73),
+             ("gaussian", "tv"): cell(0.8, 0.77, 0.83), ("salt_pepper", "dense"): cell(0.6, 0.57, 0.63),
+             ("salt_pepper", "median3"): cell(0.95, 0.93, 0.96), ("none", "dense"): cell(0.95, 0.93, 0.97),
+             ("none", "tv"): cell(0.94, 0.92, 0.96)}
+    text = "\n".join(baseline_claims(cells))
+    assert "Gaussian**: dense 90.0% vs the best classical, tv, 80.0%: supported" in text
+    assert "salt & pepper**: dense 60.0% vs the best classical, median3, 95.0%: not supported" in text
+    assert "clean**: dense 95.0% vs the best classical, tv, 94.0%: not shown" in text
