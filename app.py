@@ -430,10 +430,13 @@ def learn_layer(dataset, model, layer):
     available = [m for m in studio.available_models(dataset) if m != "dense"]
     if not available:
         raise CheckpointNotFoundError(f"{DATASET_TITLES[dataset]}: no TT purifier is trained yet")
-    model = model if model in available else available[0]
+    if not model:
+        model = "tt-r2" if "tt-r2" in available else available[0]
+    elif model not in available:
+        raise ValueError(f"{model} is not trained for {DATASET_TITLES[dataset]}; choose one of {', '.join(available)}")
     names = studio.tt_layer_names(dataset, model)
-    layer = layer if layer in names else names[0]
-    view = studio.layer_view(dataset, model, layer)
+    view = studio.layer_view(dataset, model, layer or None)  # (an unknown layer: a message naming the layers)
+    layer = view["layer"]
     o, i, kh, kw = view["shape"]
     if view["layout"] == "tt":
         r1, r2, r3 = view["ranks"]
@@ -698,8 +701,10 @@ def build_demo() -> gr.Blocks:
                 gr.Markdown("### Tensor-train cores\nEach 3x3 convolution kernel W[o, i, a, b] of a TT purifier is "
                             "stored as small cores, one per mode, and rebuilt as their contraction.")
                 with gr.Row():
-                    learn_model = gr.Dropdown([m for m in models if m != "dense"], value="tt-r2" if "tt-r2" in models
-                                              else None, label="TT model")
+                    tt_models = [m for m in studio.available_models(default_ds) if m != "dense"]
+                    # (custom values: an API call may name another dataset's model; learn_layer checks it)
+                    learn_model = gr.Dropdown(model_choices(tt_models), value="tt-r2" if "tt-r2" in tt_models else None,
+                                              label="TT model", allow_custom_value=True)
                     learn_layer_dd = gr.Dropdown([], label="Layer", allow_custom_value=True)
                     learn_btn = gr.Button("Show cores", elem_id="learn-btn")
                 layer_plot = gr.Plot(label="Cores and kernels", elem_id="layer-plot")

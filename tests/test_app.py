@@ -475,6 +475,10 @@ def test_compare_endpoint(client):
 def test_learn_endpoints(client):
     model, layer, plot, text = client.predict("mnist", "tt-r2", "", api_name="/learn_layer")
     assert "TT cores" in text and plot is not None
+    with pytest.raises(Exception, match="has no TT layer 'enc.9.conv1'"):  # said, not silently another layer
+        client.predict("mnist", "tt-r2", "enc.9.conv1", api_name="/learn_layer")
+    with pytest.raises(Exception, match="tt-r7 is not trained for MNIST"):
+        client.predict("mnist", "tt-r7", "", api_name="/learn_layer")
     text, params = client.predict("mnist", 3, api_name="/learn_params")
     assert "R = 3" in text and len(params["data"]) == 4 * 8  # dense, tt, ttm, authors at ranks 1..8
     plot, text = client.predict(250, api_name="/learn_schedule")
