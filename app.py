@@ -4,13 +4,14 @@
 
 The same file runs as a Hugging Face Space (``demo`` is defined at module level). Checkpoints
 are resolved local-first (``checkpoints/``), then from the Hub (see tendiff.checkpoints). This
-file only wires the UI; everything it computes comes from :mod:`tendiff.pipeline`.
+file only wires the UI: each handler asks :mod:`tendiff.pipeline` for one thing and returns a
+named view (a NamedTuple whose fields are the components it updates, in its API output order).
 
 Every main action is a named endpoint, usable from Python with ``gradio_client``::
 
     from gradio_client import Client, handle_file
-    client = Client("http://127.0.0.1:7860/")
-    img = handle_file("assets/mnist_7_0.png")
+    client = Client("http://127.0.0.1:7860/")   # this app's address, or a Space's "owner/name"
+    img = handle_file("assets/mnist_7_0.png")   # any image file: a path or a URL
     # what the model sees: (image, message)
     seen, message = client.predict("mnist", img, api_name="/prepare")
     # corrupt: (corrupted image, clean top-3, corrupted top-3, threat model line)
@@ -19,18 +20,19 @@ Every main action is a named endpoint, usable from Python with ``gradio_client``
     # purify (streams one output per reverse step; .outputs() keeps every one)
     job = client.submit("mnist", img, "7", "gaussian", 0.3, 0.1, 0.2, 10, 1, 2, 0,
                         "tt-r2", 100, "ddim", 10, api_name="/purify")
-    final = job.result()      # x_t, predicted x_0, progress, corrupted, 3 x top-3, plot, strip, GIF,
+    final = job.result()      # x_t, purified, progress, corrupted, 3 x top-3, plot, strip, GIF,
                               # perturbation, its sizes (L-inf, L2, PSNR, SSIM), the run as a ZIP
     frames = job.outputs()    # every streamed update
-    # compare dense and every TT rank: (gallery, table, status, table as CSV)
+    # compare every purifier: (gallery, table, status, table as CSV)
     gallery, table, status, csv = client.predict("mnist", img, "7", "gaussian", 0.3, 0.1, 0.2, 10, 1, 2, 0,
                                                  "tt-r2", 100, "ddim", 10, api_name="/compare")
 
 The inputs of /corrupt, /purify and /compare are, in order: dataset, image, true label (a class
 name, or "unknown"), corruption (none, gaussian, salt_pepper, pgd_linf, adaptive), sigma, p, eps,
-attack steps, EOT samples, surrogate DDIM steps, seed, model (dense, tt-r1..tt-r4, authors-r3),
-t*, and for /purify and /compare the method (ddpm, ddim, one-step) and the number of steps.
-``client.view_api()`` lists every endpoint with its parameters.
+attack steps, EOT samples, surrogate DDIM steps, seed, model (dense, tt-r1..tt-r16, ttm-r1..ttm-r4,
+authors-r3, or a classical filter), t*, and for /purify and /compare the method (ddpm, ddim,
+one-step), the number of steps and whether t* is chosen from the input (adaptive_t).
+``client.view_api()`` lists every endpoint with its parameters and named outputs.
 """
 from __future__ import annotations
 
@@ -45,22 +47,27 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 import gradio as gr
-import numpy as np
 import pandas as pd
 import torch
 
-from tendiff.classical import CLASSICAL
+from render import (display_scale, gif_bytes, layer_figure, params_figure, perturbation_image, run_zip,
+                    schedule_figure, strip_image, to_pil)
+from tendiff import anatomy
 from tendiff.checkpoints import CheckpointIntegrityError, CheckpointNotFoundError, checkpoint_name
+from tendiff.classical import CLASSICAL
 from tendiff.data import CLASS_NAMES, DATASETS, IMAGE_SHAPE
 from tendiff.diffusion import METHODS
-from render import display_scale, gif_bytes, layer_figure, perturbation_image, run_zip, strip_image, to_pil
-from tendiff.pipeline import (APP_CORRUPTIONS, CENTRING, DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_STEPS,
-                              DEFAULT_T_STAR, CorruptionSpec, PurifySpec, Studio, attack_measures, check_dataset,
-                              check_label, drawn_image, parameter_table, prepare_image, run_record, topk)
-from tendiff.protocol import CORRUPTIONS, DATASET_TITLES, STRENGTH, T_STAR, purifier_title
+from tendiff.inputs import CENTRING, drawn_image, prepare_image
+from tendiff.pipeline import (APP_CORRUPTIONS, DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_STEPS, DEFAULT_T_STAR,
+                              CorruptionSpec, PurifySpec, Studio, attack_measures, check_dataset, check_label,
+                              run_record, topk)
+from tendiff.protocol import CORRUPTIONS, DATASET_TITLES, MAX_RANK, PAPER_MAX_RANK, STRENGTH, T_STAR, purifier_title
 from tendiff.runtime import tune_allocator
+from tendiff.train import TrainConfig
 from tendiff.tt import channel_modes, tt_param_count
 from tendiff.unet import preset
 
@@ -70,6 +77,7 @@ UNKNOWN = "unknown (use the classifier's prediction)"
 # The example on screen at start: with the committed checkpoints, Gaussian sigma 0.2 makes the
 # classifier misread this digit and purification at the default t* brings it back.
 DEFAULT_EXAMPLE = "mnist_7_0.png"
+DEFAULT_DATASET = "mnist"
 DISPLAY = 224  # display size of the small images (nearest-neighbour enlargement)
 HEAVY_CONCURRENCY = int(os.environ.get("TENDIFF_CONCURRENCY", "1"))  # heavy runs at a time (2-core CPU: 1)
 MAX_GIFS = 128  # GIFs kept in the app's temp folder (and as many run ZIPs, compare CSVs)
@@ -78,21 +86,104 @@ FRAME_INTERVAL = float(os.environ.get("TENDIFF_FRAME_INTERVAL", "0.1"))  # secon
 # Frames that compute faster than the eye are paced FRAME_INTERVAL apart, but never by more than
 # STREAM_BUDGET seconds in all: pacing must not delay the final result (docs/performance.md, 'Why the code is shaped this way').
 STREAM_BUDGET = float(os.environ.get("TENDIFF_STREAM_BUDGET", "0.25"))
+TRAINED_T = TrainConfig.t_max  # the purifiers never saw a deeper t
+KNOWN, GUESSED = "true-class confidence", "confidence in the clean input's predicted class"  # what is tracked
+RMSE = "RMSE to the clean image"
 CSS = """
 .pixelated img, img.pixelated, .gallery img, #input-image img { image-rendering: pixelated; }
 #input-image img { width: 100% !important; height: 100% !important; object-fit: contain; }
 #perturbation img { image-rendering: pixelated; }
 #threat-line { font-weight: 600; }
-#examples .grid-container { grid-template-columns: repeat(10, minmax(0, 1fr)) !important; }
-#compare-gallery .grid-container { grid-template-columns: repeat(5, minmax(0, 1fr)) !important; }
+#examples .grid-container { grid-template-columns: repeat(20, minmax(0, 1fr)) !important; }
+#examples .caption-label { display: none; }
+#compare-gallery .grid-container { grid-template-columns: repeat(6, minmax(0, 1fr)) !important; }
 #title h1 { margin-bottom: 0; }
+.captioned > label[data-testid="block-label"] { position: static !important; margin: 0 0 4px 0; }
+.captioned .icon-button-wrapper { display: none !important; }
+@media (max-width: 700px) {
+  #examples .grid-container { grid-template-columns: repeat(5, minmax(0, 1fr)) !important; }
+  #compare-gallery .grid-container { grid-template-columns: repeat(3, minmax(0, 1fr)) !important; }
+}
 """
 
-# One thread: batch-1 inference gains nothing from a second, which stalls on a busy machine (docs/performance.md, 'Why the code is shaped this way').
-torch.set_num_threads(int(os.environ.get("TENDIFF_THREADS", "1")))
-tune_allocator()
-studio = Studio()
-_tmp = Path(tempfile.mkdtemp(prefix="tendiff-studio-"))
+studio = Studio()  # cheap: models load on first use
+
+
+@functools.cache
+def tmp_dir() -> Path:
+    """The app's folder for displayed PNGs, GIFs, ZIPs and CSVs (made on first use)."""
+    return Path(tempfile.mkdtemp(prefix="tendiff-studio-"))
+
+
+# ------------------------------------------------------------------------ named views
+class RunView(NamedTuple):
+    """What /purify shows, in the order of its API outputs."""
+    x_t: Any
+    purified: Any
+    progress: Any
+    corrupted: Any
+    clean_top: Any
+    corrupted_top: Any
+    purified_top: Any
+    trajectory: Any
+    strip: Any
+    gif: Any
+    perturbation: Any
+    attack_sizes: Any
+    run_zip: Any
+
+
+class CorruptView(NamedTuple):
+    corrupted: Any
+    clean_top: Any
+    corrupted_top: Any
+    threat: Any
+
+
+class CompareView(NamedTuple):
+    compare_gallery: Any
+    compare_table: Any
+    compare_status: Any
+    compare_csv: Any
+
+
+class LayerView(NamedTuple):
+    learn_model: Any
+    learn_layer: Any
+    layer_plot: Any
+    layer_text: Any
+
+
+class DatasetView(NamedTuple):
+    """What switching the dataset changes: its examples, input, label, purifiers, strengths, t*."""
+    examples: Any
+    image: Any
+    true_label: Any
+    model: Any
+    status: Any
+    sigma: Any
+    p: Any
+    eps: Any
+    t_star: Any
+    draw_box: Any
+
+
+class KindView(NamedTuple):
+    sigma: Any
+    p: Any
+    attack_box: Any
+    adaptive_box: Any
+    threat: Any
+
+
+def view(cls, fill=None, **named):
+    """A named view with the given fields and ``fill`` (None clears, gr.skip() keeps) elsewhere."""
+    return cls(**{field: named.get(field, fill) for field in cls._fields})
+
+
+def outputs(ui, cls) -> list:
+    """The components a view updates, in its order."""
+    return [getattr(ui, field) for field in cls._fields]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -118,25 +209,24 @@ def user_errors(fn):
     return wrapper
 
 
-def readable_upload_errors(image: gr.Image) -> gr.Image:
-    """Make an image input's preprocessing failure (a file that is not an image) a clear message.
-
-    Patches the instance rather than subclassing gr.Image: a subclass defined here would make
-    Gradio write an ``app.pyi`` stub next to this file at import.
-    """
-    original = image.preprocess
+def named_errors(component, message: str | None = None):
+    """Make a component's preprocessing failure a clear message that names it (Gradio's own says
+    "Value 0 is less than minimum value 1." without saying which value). Patches the instance: a
+    subclass defined here would make Gradio write an ``app.pyi`` stub next to this file."""
+    original = component.preprocess
 
     def preprocess(payload):
         try:
             return original(payload)
-        except gr.Error:
-            raise
+        except gr.Error as exc:
+            if message:  # Gradio's own message (e.g. a file too large) is already clear
+                raise
+            raise gr.Error(f"{component.label}: {exc.message}") from None
         except Exception as exc:
-            raise gr.Error(f"The upload could not be read as an image ({type(exc).__name__}); "
-                           "upload a PNG or JPEG.") from None
+            raise gr.Error(message.format(type(exc).__name__) if message else f"{component.label}: {exc}") from None
 
-    image.preprocess = preprocess
-    return image
+    component.preprocess = preprocess
+    return component
 
 
 def examples(dataset: str) -> list[tuple[str, str]]:
@@ -174,7 +264,7 @@ def png_file(img, name: str = "image") -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     data = buf.getvalue()
-    folder = _tmp / "png" / hashlib.sha1(data).hexdigest()[:20]
+    folder = tmp_dir() / "png" / hashlib.sha1(data).hexdigest()[:20]
     path = folder / f"{name}.png"
     if not path.exists():
         with _png_lock:
@@ -182,7 +272,7 @@ def png_file(img, name: str = "image") -> str:
             staging = folder / f".{name}.tmp"
             staging.write_bytes(data)
             staging.replace(path)
-            folders = list((_tmp / "png").iterdir())
+            folders = list((tmp_dir() / "png").iterdir())
             if len(folders) > MAX_PNG_FOLDERS:  # forget the oldest half
                 folders.sort(key=lambda f: f.stat().st_mtime)
                 for old in folders[: len(folders) // 2]:
@@ -210,11 +300,10 @@ def _input(dataset, image):
     check_dataset(dataset)
     if image is None:
         raise ValueError("pick an example or upload an image first")
-    return prepare_image(image, dataset, studio.limits)
+    return prepare_image(image, dataset, studio.limits.upload)
 
 
-# What "model input" says after an upload that could not be prepared (the error toast says why),
-# instead of the previous image's description.
+# What "model input" says after an upload that could not be prepared (the error toast says why).
 UNUSABLE_UPLOAD = "**This upload is not usable** (see the message). Upload another image or pick an example."
 
 
@@ -223,7 +312,7 @@ def noise_text(t_star) -> str:
         t = int(t_star)
         return (f"t* = {t} of T = {studio.num_timesteps}: the input is diffused to noise std "
                 f"**{studio.noise_std(t):.3f}** (pixel units, images in [0, 1])"
-                + (" — beyond the t <= 400 the purifiers were trained on." if t > 400 else "."))
+                + (f" — beyond the t <= {TRAINED_T} the purifiers were trained on." if t > TRAINED_T else "."))
     except Exception:
         return ""
 
@@ -234,11 +323,16 @@ def model_choices(labels) -> list[tuple[str, str]]:
     return [(f"classical: {m} ({CLASSICAL[m][1]})" if m in CLASSICAL else purifier_title(m), m) for m in labels]
 
 
-def threat_text(kind, eps=0.2, attack_steps=10, eot=1, surrogate=2) -> str:
+def corruption_choices() -> list[tuple[str, str]]:
+    """The app's corruptions, named by their titles without the parenthesis (the threat line says more)."""
+    return [(CORRUPTIONS[k].title.split(" (")[0], k) for k in APP_CORRUPTIONS]
+
+
+def threat_text(corruption, eps=0.2, attack_steps=10, eot=1, surrogate=2) -> str:
     try:
-        spec = CorruptionSpec(kind, eps=eps, attack_steps=attack_steps, eot=eot, surrogate_steps=surrogate)
+        spec = CorruptionSpec(corruption, eps=eps, attack_steps=attack_steps, eot=eot, surrogate_steps=surrogate)
         text = f"**{spec.threat}**"
-        if kind in ("pgd_linf", "adaptive"):
+        if corruption in ("pgd_linf", "adaptive"):
             text += f"  \nCost: {spec.cost()}"
         return text
     except Exception as exc:  # a half-typed value: say nothing wrong, the run will validate
@@ -260,7 +354,7 @@ def attack_text(measures: dict) -> str:
 
 
 def _keep_newest(pattern: str, keep: int = MAX_GIFS) -> None:
-    for old in sorted(_tmp.glob(pattern), key=lambda f: f.stat().st_mtime)[:-keep]:
+    for old in sorted(tmp_dir().glob(pattern), key=lambda f: f.stat().st_mtime)[:-keep]:
         old.unlink(missing_ok=True)
 
 
@@ -275,12 +369,12 @@ def _write(path: Path, data: bytes) -> str:
 def run_files(dataset, key, result, requested: PurifySpec, y, measures) -> tuple[str, str]:
     """The run's GIF and its ZIP (images, steps, GIF, run.json), written once per run and kept for a while."""
     tag = abs(hash(key))
-    gif = _tmp / f"purification_{tag}.gif"
+    gif = tmp_dir() / f"purification_{tag}.gif"
     if not gif.exists():
         _write(gif, gif_bytes(result.frames))
         _keep_newest("purification_*.gif")
     done = result.spec
-    archive = _tmp / f"tendiff_{dataset}_{done.model}_{result.corrupted.spec.kind}_seed{done.seed}_{tag % 10 ** 8}.zip"
+    archive = tmp_dir() / f"tendiff_{dataset}_{done.model}_{result.corrupted.spec.kind}_seed{done.seed}_{tag % 10 ** 8}.zip"
     if not archive.exists():
         names = [checkpoint_name(dataset, "classifier")] + ([] if done.model in CLASSICAL else
                                                              [checkpoint_name(dataset, done.model)])
@@ -294,11 +388,24 @@ def run_files(dataset, key, result, requested: PurifySpec, y, measures) -> tuple
 def csv_file(table: pd.DataFrame, name: str) -> str:
     """A table as a CSV file named ``name`` (plus a short content hash), for download."""
     data = table.to_csv(index=False).encode()
-    path = _tmp / f"{name}_{hashlib.sha1(data).hexdigest()[:8]}.csv"
+    path = tmp_dir() / f"{name}_{hashlib.sha1(data).hexdigest()[:8]}.csv"
     if not path.exists():
         _write(path, data)
         _keep_newest("*.csv")
     return str(path)
+
+
+def tracked(known: bool) -> str:
+    """What the confidence curve follows: the true class, or (label unknown) the clean input's prediction."""
+    return KNOWN if known else GUESSED
+
+
+def _plot_frame(frames, known: bool) -> pd.DataFrame:
+    rows = []
+    for f in frames:
+        rows.append({"step": f.index, "value": f.confidence, "series": tracked(known)})
+        rows.append({"step": f.index, "value": f.distance, "series": RMSE})
+    return pd.DataFrame(rows)
 
 
 # ------------------------------------------------------------------------- handlers
@@ -333,82 +440,85 @@ def use_drawing(drawing, last: str | None = None):
 
 
 @user_errors
-def corrupt(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star):
+def corrupt(dataset, image, true_label, corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model,
+            t_star) -> CorruptView:
     """Corrupt the input; returns the corrupted image, the clean and corrupted top classes and the threat model."""
-    corruption, spec = _specs(kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star)
-    y, corruption, spec = studio.validate_request(dataset, true_label, corruption, spec)
+    request, spec = _specs(corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star)
+    y, request, spec = studio.validate_request(dataset, true_label, request, spec)
     x = _input(dataset, image).tensor
-    out = studio.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star)
-    return (show(out.tensor, "corrupted"), label_dict(dataset, studio.probs(dataset, x)[0]),
-            label_dict(dataset, studio.probs(dataset, out.tensor)[0]), threat_text(kind, eps, attack_steps, eot, surrogate))
+    out = studio.corrupt(dataset, request.kind, x, y, request, spec.seed, spec.model, spec.t_star)
+    return CorruptView(show(out.tensor, "corrupted"), label_dict(dataset, studio.probs(dataset, x)[0]),
+                       label_dict(dataset, studio.probs(dataset, out.tensor)[0]),
+                       threat_text(corruption, eps, attack_steps, eot, surrogate))
 
 
-def _plot_frame(frames) -> pd.DataFrame:
-    rows = []
-    for f in frames:
-        rows.append({"step": f.index, "value": f.confidence, "series": "true-class confidence"})
-        rows.append({"step": f.index, "value": f.distance, "series": "RMSE to clean image"})
-    return pd.DataFrame(rows)
+def _summary(result, cached: bool) -> str:
+    done = result.spec
+    how = (f"one pass of the classical {done.model} filter" if done.model in CLASSICAL else
+           f"{done.steps} {done.method} step(s) from t* = {done.t_star} with {done.model}")
+    return (f"Done: {how} in {result.seconds:.2f} s{' (cached)' if cached else ''}. "
+            f"Purified prediction: {topk(result.dataset, result.probs_purified, 1)[0][0]}."
+            + (f"  \n{result.t_star_note}" if result.t_star_note else ""))
+
+
+def _final_view(dataset, x, y, corrupted, request, spec, result, cached, clean_probs, corrupted_probs) -> RunView:
+    """The last update of a run: every picture, number and file of it."""
+    measures = attack_measures(result)
+    gif, archive = run_files(dataset, studio.run_key(dataset, x, y, request, spec), result, spec, y, measures)
+    last = result.frames[-1]
+    return RunView(
+        x_t=show(last.x_t, "x_t"), purified=show(last.pred_x0, "purified"), progress=_summary(result, cached),
+        corrupted=show(corrupted.tensor, "corrupted"), clean_top=clean_probs, corrupted_top=corrupted_probs,
+        purified_top=label_dict(dataset, result.probs_purified), trajectory=_plot_frame(result.frames, y is not None),
+        strip=png_file(strip_image(result.frames, scale=max(1, 84 // IMAGE_SHAPE[dataset][1])), "steps"), gif=gif,
+        perturbation=png_file(perturbation_image(x, corrupted.tensor, display_scale(x, DISPLAY)), "perturbation"),
+        attack_sizes=attack_text(measures), run_zip=archive)
 
 
 @user_errors
-def purify(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star,
+def purify(dataset, image, true_label, corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star,
            method, steps, adaptive_t=False):
-    """Corrupt then purify, streaming x_t and the predicted clean image at every reverse step."""
-    corruption, spec = _specs(kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps,
-                              adaptive_t)
-    y, corruption, spec = studio.validate_request(dataset, true_label, corruption, spec)
+    """Corrupt then purify, streaming x_t and the predicted clean image at every reverse step (RunView updates)."""
+    request, spec = _specs(corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps,
+                           adaptive_t)
+    y, request, spec = studio.validate_request(dataset, true_label, request, spec)
     x = _input(dataset, image).tensor
-    skip = gr.skip()
-    if corruption.kind == "adaptive":  # can take a while: say so before it starts (one extra update)
-        yield (skip, skip, f"Running the adaptive attack first: {corruption.cost()}") + (skip,) * 10
-    corrupted = studio.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star)
+    if request.kind == "adaptive":  # can take a while: say so before it starts (one extra update)
+        yield view(RunView, gr.skip(), progress=f"Running the adaptive attack first: {request.cost()}")
+    corrupted = studio.corrupt(dataset, request.kind, x, y, request, spec.seed, spec.model, spec.t_star)
     clean_probs = label_dict(dataset, studio.probs(dataset, x)[0])
     corrupted_probs = label_dict(dataset, studio.probs(dataset, corrupted.tensor)[0])
-    n_frames = spec.steps + 1
-    interval = min(FRAME_INTERVAL, STREAM_BUDGET / n_frames)
-    last = time.perf_counter()
-    first = True
-    for frame, result, cached in studio.run_stream(dataset, x, y, corruption, spec):
+    interval = min(FRAME_INTERVAL, STREAM_BUDGET / (spec.steps + 1))
+    last, first = time.perf_counter(), True
+    for frame, result, cached in studio.run_stream(dataset, x, y, request, spec):
+        if result is not None:
+            yield _final_view(dataset, x, y, corrupted, request, spec, result, cached, clean_probs, corrupted_probs)
+            return
+        wait = interval - (time.perf_counter() - last)
+        if wait > 0 and not first:  # (cached replays too: a replay streams like a run)
+            time.sleep(wait)
+        last = time.perf_counter()
         progress = (f"Step {frame.index}/{frame.num_steps} · t = {frame.t} · noise std {frame.noise_std:.3f} · "
                     f"{'replayed from cache' if cached else f'{frame.seconds:.2f} s'}")
-        if not cached:
-            wait = interval - (time.perf_counter() - last)
-            if wait > 0 and not first:
-                time.sleep(wait)
-            last = time.perf_counter()
-        head = (show(frame.x_t, "x_t"), show(frame.pred_x0, "predicted_x0"), progress)
-        if result is None:
-            rest = ((show(corrupted.tensor, "corrupted"), clean_probs, corrupted_probs) if first else (skip, skip, skip))
-            yield head + rest + ((None,) * 7 if first else (skip,) * 7)  # clear the last run
-            first = False
-            continue
-        measures = attack_measures(result)
-        gif, archive = run_files(dataset, studio.run_key(dataset, x, y, corruption, spec), result, spec, y, measures)
-        done = result.spec
-        how = (f"one pass of the classical {done.model} filter" if done.model in CLASSICAL else
-               f"{done.steps} {done.method} step(s) from t* = {done.t_star} with {done.model}")
-        summary = (f"Done: {how} in {result.seconds:.2f} s{' (cached)' if cached else ''}. "
-                   f"Purified prediction: {topk(dataset, result.probs_purified, 1)[0][0]}."
-                   + (f"  \n{result.t_star_note}" if result.t_star_note else ""))
-        yield (show(frame.x_t, "x_t"), show(frame.pred_x0, "purified"), summary, show(corrupted.tensor, "corrupted"),
-               clean_probs, corrupted_probs,
-               label_dict(dataset, result.probs_purified), _plot_frame(result.frames),
-               png_file(strip_image(result.frames, scale=max(1, 84 // IMAGE_SHAPE[dataset][1])), "steps"), gif,
-               png_file(perturbation_image(x, corrupted.tensor, display_scale(x, DISPLAY)), "perturbation"),
-               attack_text(measures), archive)
+        step = dict(x_t=show(frame.x_t, "x_t"), purified=show(frame.pred_x0, "predicted_x0"), progress=progress)
+        if first:  # the inputs' pictures once, and the last run's results cleared
+            step.update(corrupted=show(corrupted.tensor, "corrupted"), clean_top=clean_probs,
+                        corrupted_top=corrupted_probs)
+        yield view(RunView, None if first else gr.skip(), **step)
+        first = False
 
 
 @user_errors
-def compare(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star,
+def compare(dataset, image, true_label, corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star,
             method, steps, adaptive_t=False):
-    """The same input, corruption and seed through every available purifier."""
-    corruption, spec = _specs(kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps,
-                              adaptive_t)
+    """The same input, corruption and seed through every available purifier (CompareView updates)."""
+    request, spec = _specs(corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps,
+                           adaptive_t)
     x = _input(dataset, image).tensor
-    columns = ["model", "prediction", "confidence", "true-class confidence", "parameters", "compression", "seconds"]
+    known = check_label(dataset, true_label) is not None
+    columns = ["model", "prediction", "confidence", tracked(known), "parameters", "compression", "seconds"]
     models = studio.available_purifiers(dataset)  # fixed now: a checkpoint added meanwhile joins the next run
-    for rows in studio.compare(dataset, x, true_label, corruption, spec, models=models):
+    for rows in studio.compare(dataset, x, true_label, request, spec, models=models):
         gallery, table = [], []
         for r in rows:
             if not r.available:
@@ -418,44 +528,61 @@ def compare(dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, 
             gallery.append((show(r.image, r.model), f"{r.model}: {r.prediction} ({r.confidence:.0%}), {size}"))
             table.append([r.model, r.prediction, round(r.confidence, 3), round(r.true_confidence, 3), r.parameters,
                           round(r.compression, 2) if r.parameters else None, round(r.seconds, 3)])
-        status = f"{len(rows)} purifier(s) done; the same corrupted input and seed {spec.seed} for every one."
+        status = (f"{len(rows)} of {len(models)} purifier(s) done; the same corrupted input and seed {spec.seed} "
+                  "for every one. One image and one seed: an anecdote — the 1000-image numbers are in docs/results.md.")
         frame = pd.DataFrame(table, columns=columns)
         last = len(rows) == len(models)  # the final update carries the table as a CSV file
-        yield gallery, frame, status, (csv_file(frame, f"tendiff_compare_{dataset}_seed{spec.seed}") if last else None)
+        yield CompareView(gallery, frame, status,
+                          csv_file(frame, f"tendiff_compare_{dataset}_seed{spec.seed}") if last else None)
+
+
+def _tt_models(dataset) -> list[str]:
+    return [m for m in studio.available_models(dataset) if m != "dense"]
+
+
+def _formula(view: dict) -> str:
+    """A layer's TT parameter formula with its numbers."""
+    o, i, kh, kw = view["shape"]
+    n = f"**{view['tt_parameters']:,}**"
+    if view["layout"] == "tt":
+        r1, r2, r3 = view["ranks"]
+        return f"I·R1 + kh·R1·R2 + kw·R2·R3 + R3·O = {i}·{r1} + {kh}·{r1}·{r2} + {kw}·{r2}·{r3} + {r3}·{o} = {n}"
+    if view["layout"] == "ttm":
+        (r0, r1), ((c1, c2), (s1, s2)) = view["ranks"], (channel_modes(i), channel_modes(o))
+        return (f"kh·kw·R0 + R0·c1·s1·R1 + R1·c2·s2 = {kh}·{kw}·{r0} + {r0}·{c1}·{s1}·{r1} + {r1}·{c2}·{s2}"
+                f" = {n} (I = {c1}·{c2}, O = {s1}·{s2})")
+    r0, r1 = view["ranks"]
+    return f"O·I·r0 + r0·kh·r1 + r1·kw = {o}·{i}·{r0} + {r0}·{kh}·{r1} + {r1}·{kw} = {n}"
 
 
 @user_errors
-def learn_layer(dataset, model, layer):
+def learn_layer(dataset, model, layer=None) -> LayerView:
     """The TT cores of one layer and the kernel they rebuild next to the dense one."""
-    available = [m for m in studio.available_models(dataset) if m != "dense"]
+    available = _tt_models(check_dataset(dataset))
     if not available:
         raise CheckpointNotFoundError(f"{DATASET_TITLES[dataset]}: no TT purifier is trained yet")
     if not model:
-        model = "tt-r2" if "tt-r2" in available else available[0]
+        model = DEFAULT_MODEL if DEFAULT_MODEL in available else available[0]
     elif model not in available:
         raise ValueError(f"{model} is not trained for {DATASET_TITLES[dataset]}; choose one of {', '.join(available)}")
-    names = studio.tt_layer_names(dataset, model)
-    view = studio.layer_view(dataset, model, layer or None)  # (an unknown layer: a message naming the layers)
-    layer = view["layer"]
-    o, i, kh, kw = view["shape"]
-    if view["layout"] == "tt":
-        r1, r2, r3 = view["ranks"]
-        formula = (f"I·R1 + kh·R1·R2 + kw·R2·R3 + R3·O = {i}·{r1} + {kh}·{r1}·{r2} + {kw}·{r2}·{r3} + {r3}·{o}"
-                   f" = **{view['tt_parameters']:,}**")
-    elif view["layout"] == "ttm":
-        (r0, r1), ((c1, c2), (s1, s2)) = view["ranks"], (channel_modes(i), channel_modes(o))
-        formula = (f"kh·kw·R0 + R0·c1·s1·R1 + R1·c2·s2 = {kh}·{kw}·{r0} + {r0}·{c1}·{s1}·{r1} + {r1}·{c2}·{s2}"
-                   f" = **{view['tt_parameters']:,}** (I = {c1}·{c2}, O = {s1}·{s2})")
-    else:
-        r0, r1 = view["ranks"]
-        formula = f"O·I·r0 + r0·kh·r1 + r1·kw = {o}·{i}·{r0} + {r0}·{kh}·{r1} + {r1}·{kw} = **{view['tt_parameters']:,}**"
-    err = (f"Relative distance to the dense kernel: **{view['relative_error']:.3f}** (TT-SVD initialisation, then "
-           "fine-tuning moves the cores)." if view["relative_error"] is not None else "No dense checkpoint to compare.")
-    text = (f"**{layer}** of {model}: kernel O x I x kh x kw = {o} x {i} x {kh} x {kw} = {view['dense_parameters']:,} "
-            f"dense weights; TT cores: {formula} weights, {view['dense_parameters'] / view['tt_parameters']:.1f}x fewer.  \n"
-            + err)
-    return (gr.update(choices=model_choices(available), value=model), gr.update(choices=names, value=layer),
-            layer_figure(view), text)
+    net = studio.purifier(dataset, model)
+    dense = studio.purifier(dataset, "dense") if "dense" in studio.available_models(dataset) else None
+    layers = anatomy.layer_view(net, layer or None, dense, model)  # (an unknown layer: a message naming the layers)
+    o, i, kh, kw = layers["shape"]
+    err = (f"Relative distance to the dense kernel: **{layers['relative_error']:.3f}** (TT-SVD initialisation, then "
+           "fine-tuning moves the cores)." if layers["relative_error"] is not None else "No dense checkpoint to compare.")
+    text = (f"**{layers['layer']}** of {model}: kernel O x I x kh x kw = {o} x {i} x {kh} x {kw} = "
+            f"{layers['dense_parameters']:,} dense weights; TT cores: {_formula(layers)} weights, "
+            f"{layers['dense_parameters'] / layers['tt_parameters']:.1f}x fewer.  \n" + err)
+    return LayerView(gr.update(choices=model_choices(available), value=model),
+                     gr.update(choices=anatomy.layer_names(net), value=layers["layer"]), layer_figure(layers), text)
+
+
+def learn_models(dataset) -> LayerView:
+    """The Learn tab's lists for another dataset: its TT models, no layer chosen yet."""
+    models = _tt_models(dataset)
+    return LayerView(gr.update(choices=model_choices(models), value=DEFAULT_MODEL if DEFAULT_MODEL in models else None),
+                     gr.update(choices=[], value=None), None, "")
 
 
 @user_errors
@@ -463,14 +590,12 @@ def learn_params(dataset, rank):
     """The parameter formula as the rank changes, for one of the model's 3x3 layers and the whole U-Net."""
     check_dataset(dataset)
     r = int(rank)
-    if not 1 <= r <= 16:
-        raise ValueError(f"rank must be in 1..16, got {r}")
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"rank must be in 1..{MAX_RANK}, got {r}")
     c = preset(dataset).channels[0]
     a, b = channel_modes(c)
     dense = c * c * 9
-    tt = tt_param_count(c, c, 3, r, "tt", bias=False)
-    ttm = tt_param_count(c, c, 3, r, "ttm", bias=False)
-    au = tt_param_count(c, c, 3, r, "authors", bias=False)
+    tt, ttm, au = (tt_param_count(c, c, 3, r, layout, bias=False) for layout in ("tt", "ttm", "authors"))
     text = (f"One of the U-Net's {c} -> {c} 3x3 convolutions at rank R = {r}:  \n"
             f"- dense: O·I·k·k = {c}·{c}·9 = **{dense:,}**  \n"
             f"- TT (one core per mode): I·R + 3R² + 3R² + R·O = {c}·{r} + 3·{r * r} + 3·{r * r} + {r}·{c} = **{tt:,}** "
@@ -479,41 +604,23 @@ def learn_params(dataset, rank):
             f"{b * b}·{r} = **{ttm:,}** ({dense / ttm:.0f}x fewer; O(N R²))  \n"
             f"- authors' layout: O·I·R + 3R² + 3R = {c * c}·{r} + 3·{r * r} + 3·{r} = **{au:,}** "
             f"({dense / au:.1f}x fewer; still quadratic in the channels)")
-    rows = parameter_table(dataset, range(1, 9))
-    df = pd.DataFrame([{"rank": row["rank"], "parameters": row[k], "model": k} for row in rows
-                       for k in ("dense", "tt", "ttm", "authors")])
-    return text, df
+    return text, params_figure(anatomy.parameter_table(dataset, range(1, MAX_RANK + 1)), r, PAPER_MAX_RANK)
 
 
 def learn_schedule(t_star):
     """The noise std over t, with t* marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = np.arange(1, studio.num_timesteps + 1)
-    std = np.array([studio.noise_std(int(k)) for k in t])
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.semilogy(t, std, color="#1f77b4")
+    stds = [studio.noise_std(t) for t in range(1, studio.num_timesteps + 1)]
     try:
-        ts = int(t_star)
-        ax.axvline(ts, color="#d62728", ls="--")
-        ax.annotate(f"t* = {ts}: std {studio.noise_std(ts):.3f}", (ts, studio.noise_std(ts)), xytext=(10, -15),
-                    textcoords="offset points", color="#d62728")
-    except Exception:
-        pass
-    ax.axvspan(400, t[-1], color="0.9")
-    ax.text(700, std[5], "beyond the training range (t > 400)", ha="center", fontsize=8)
-    ax.set_xlabel("t"), ax.set_ylabel("noise std (pixel units)")
-    ax.set_title("Diffusing to t adds this much Gaussian noise", fontsize=10)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig, noise_text(t_star)
+        t_star = int(t_star)
+    except (TypeError, ValueError):
+        t_star = None
+    return schedule_figure(stds, t_star, trained_to=TRAINED_T), noise_text(t_star)
 
 
 @user_errors
 def guidance(dataset, image, true_label, t_star, seed):
-    """The guidance lesson: a class-conditional purifier guided with no label, the true label, a wrong label."""
+    """The guidance lesson: a class-conditional purifier guided with no label, the true label, a wrong label.
+    The text reads the run's own predictions (it says what happened, not what should)."""
     x = _input(dataset, image).tensor
     y = check_label(dataset, true_label)
     if y is None:
@@ -525,13 +632,60 @@ def guidance(dataset, image, true_label, t_star, seed):
         return [], (f"**Not trained yet.** The guidance lesson (no label vs the true label vs a wrong label) needs a "
                     f"class-conditional purifier: {exc}")
     gallery = [(show(img), f"{name} -> {preds[0][0]} ({preds[0][1]:.0%})") for name, (img, preds) in out.items()]
-    text = ("Guiding the purifier with the **true** label makes the purified image look like that class whatever the "
-            "input was: the defense is told the answer, so its accuracy says nothing about robustness. A **wrong** label "
-            "pulls the image towards the wrong class just as easily. Only the unguided row is a fair defense.")
-    return gallery, text
+    return gallery, guidance_text(out)
 
 
-# ------------------------------------------------------------------------ the page
+def guidance_text(out: dict) -> str:
+    """What the guidance run showed, from its predictions: which label each purification ended on."""
+    lines = [f"- {name}: purified image read as **{preds[0][0]}** ({preds[0][1]:.0%})" for name, (_, preds) in out.items()]
+    (_, (_, free)), (true_name, (_, led)), (wrong_name, (_, misled)) = out.items()
+    followed = [name.endswith(" " + preds[0][0]) for name, preds in ((true_name, led), (wrong_name, misled))]
+    verdict = {(True, True): "Both labels were obeyed: the guided purifier turns the image into whatever class it is "
+                             "told, so a guided defense is told the answer and its accuracy says nothing about robustness.",
+               (True, False): "The true label was obeyed, the wrong one was not on this image and seed: guidance "
+                              "helps most when it agrees with the image, and a defense told the true label still "
+                              "cheats.",
+               (False, True): "The wrong label was obeyed and the true one was not: guidance can overrule the image.",
+               (False, False): "Neither label decided the outcome on this image and seed."}[tuple(followed)]
+    return "\n".join(lines) + f"\n\n{verdict} Without a label (a fair defense) it was read as **{free[0][0]}**."
+
+
+def dataset_changed(dataset) -> DatasetView:
+    check_dataset(dataset)
+    ex = examples(dataset)
+    models = studio.available_purifiers(dataset)
+    model = DEFAULT_MODEL if DEFAULT_MODEL in models else (models[0] if models else None)
+    first = ex[0][0] if ex else None
+    strength = STRENGTH[dataset]  # the protocol's strengths for this dataset (e.g. eps 8/255 on CIFAR-10)
+    return DatasetView(
+        examples=gr.update(value=ex), image=gr.update(value=first),
+        true_label=gr.update(choices=[UNKNOWN] + CLASS_NAMES[dataset], value=label_from_path(dataset, first) or UNKNOWN),
+        model=gr.update(choices=model_choices(models), value=model), status=studio.status(dataset),
+        sigma=strength["gaussian"], p=strength["salt_pepper"], eps=round(strength["pgd_linf"], 3),
+        t_star=T_STAR[dataset], draw_box=gr.update(visible=dataset in CENTRING))  # drawings: gray datasets only
+
+
+def example_selected(dataset, evt: gr.SelectData):
+    path = examples(dataset)[evt.index][0]
+    return path, label_from_path(dataset, path) or UNKNOWN
+
+
+def kind_changed(corruption, eps, attack_steps, eot, surrogate) -> KindView:
+    attack = corruption in ("pgd_linf", "adaptive")
+    return KindView(gr.update(visible=corruption == "gaussian"), gr.update(visible=corruption == "salt_pepper"),
+                    gr.update(visible=attack), gr.update(visible=corruption == "adaptive"),
+                    threat_text(corruption, eps, attack_steps, eot, surrogate))
+
+
+def stopped() -> str:
+    """Said after Stop, once the cancelled run's last queued update has arrived (it would overwrite this)."""
+    time.sleep(0.5)
+    return "Stopped: the run was cancelled at the step shown; change a setting or press Purify again."
+
+
+API_DOC = "```python\n" + __doc__.split("::\n\n", 1)[1].split("\n\nThe inputs")[0].replace("\n    ", "\n").strip() + "\n```\n\n" \
+          + "The inputs" + __doc__.split("\n\nThe inputs", 1)[1]
+
 # Gradio's sketchpad starts with no tool chosen ("select the draw tool to start"): once it is on
 # screen (the accordion opened), choose the brush. Tries for about 3 s.
 PICK_BRUSH = """() => {
@@ -546,252 +700,269 @@ PICK_BRUSH = """() => {
 }"""
 
 
-def dataset_changed(dataset):
-    check_dataset(dataset)
-    ex = examples(dataset)
-    models = studio.available_purifiers(dataset)
-    model = DEFAULT_MODEL if DEFAULT_MODEL in models else (models[0] if models else None)
-    first = ex[0][0] if ex else None
-    cleared = (None,) * 13  # the previous dataset's results
-    strength = STRENGTH[dataset]  # the protocol's strengths for this dataset (e.g. eps 8/255 on CIFAR-10)
-    return (gr.update(value=ex), gr.update(value=first),
-            gr.update(choices=[UNKNOWN] + CLASS_NAMES[dataset], value=label_from_path(dataset, first) or UNKNOWN),
-            gr.update(choices=model_choices(models), value=model), studio.status(dataset)) + cleared + (
-            strength["gaussian"], strength["salt_pepper"], round(strength["pgd_linf"], 3), T_STAR[dataset],
-            gr.update(visible=dataset in CENTRING))  # drawing: only where drawings are centred like the data
-
-
-def example_selected(dataset, evt: gr.SelectData):
-    ex = examples(dataset)
-    path = ex[evt.index][0]
-    return path, label_from_path(dataset, path) or UNKNOWN
-
-
-def kind_changed(kind, eps, attack_steps, eot, surrogate):
-    attack = kind in ("pgd_linf", "adaptive")
-    return (gr.update(visible=kind == "gaussian"), gr.update(visible=kind == "salt_pepper"),
-            gr.update(visible=attack), gr.update(visible=attack), gr.update(visible=kind == "adaptive"),
-            threat_text(kind, eps, attack_steps, eot, surrogate))
-
-
-API_DOC = "```python\n" + __doc__.split("::\n\n", 1)[1].split("\n\nThe inputs")[0].replace("\n    ", "\n").strip() + "\n```\n\n" \
-          + "The inputs" + __doc__.split("\n\nThe inputs", 1)[1]
-
-
-def build_demo() -> gr.Blocks:
-    default_ds = "mnist"
-    ex = examples(default_ds)
-    default_image = str(ASSETS / DEFAULT_EXAMPLE)
-    models = studio.available_purifiers(default_ds)
-    heavy = dict(concurrency_id="heavy", concurrency_limit=HEAVY_CONCURRENCY, time_limit=600)
-    with gr.Blocks(title="TendiffPure Studio", delete_cache=(3600, 3600)) as demo:
+# --------------------------------------------------------------------------- the page
+def header(ui) -> None:
+    with gr.Row(equal_height=True):
         gr.Markdown("# TendiffPure Studio\nDiffusion purification with tensor-train compressed U-Nets: corrupt an "
                     "image, let a small diffusion model wash the corruption out, and see what the classifier says.",
                     elem_id="title")
-        status = gr.Markdown(studio.status(default_ds), elem_id="status-line")
+        ui.dataset = gr.Radio([(DATASET_TITLES[d], d) for d in DATASETS], value=DEFAULT_DATASET, label="Dataset",
+                              elem_id="dataset", min_width=380)
+    ui.status = gr.Markdown(studio.status(DEFAULT_DATASET), elem_id="status-line", label="status")
+
+
+def input_panel(ui) -> None:
+    """The input: dataset, examples, upload or drawing, true label, and what the model sees."""
+    ds, default_image = DEFAULT_DATASET, str(ASSETS / DEFAULT_EXAMPLE)
+    ui.image = named_errors(gr.Image(
+        value=default_image, type="filepath", image_mode=None, format="png", sources=["upload", "clipboard"],
+        label="Input image (an example, or upload any image)", height=200, elem_id="input-image",
+        elem_classes=["pixelated", "captioned"]),
+        "The upload could not be read as an image ({}); upload a PNG or JPEG.")
+    ui.true_label = gr.Dropdown([UNKNOWN] + CLASS_NAMES[ds], value=label_from_path(ds, default_image),
+                                label="True label", elem_id="true-label",
+                                # The choices follow the dataset in the browser, but an API call sees the
+                                # initial (MNIST) list: the pipeline checks the label against the request's dataset.
+                                allow_custom_value=True)
+    with gr.Accordion("Draw your own", open=False, elem_id="draw", visible=ds in CENTRING) as ui.draw_box:
+        # Black ink on white paper: prepare_image inverts it, then centres and scales it.
+        ui.sketch = gr.Sketchpad(
+            label="Draw with the mouse", show_label=False, type="numpy", image_mode="L", format="png",
+            canvas_size=(280, 280), fixed_canvas=True, height=320,
+            brush=gr.Brush(default_size=22, colors=["#000000"], color_mode="fixed"), layers=False, transforms=(),
+            elem_id="sketch")
+        ui.drawn = gr.State(None)  # the hash of the drawing last made the input
+
+
+def settings_panel(ui) -> None:
+    """Corruption and purifier, the Purify button near the top; the finer settings under it."""
+    strength, limits = STRENGTH[DEFAULT_DATASET], studio.limits
+    models = studio.available_purifiers(DEFAULT_DATASET)
+    ui.kind = gr.Dropdown(corruption_choices(), value="gaussian", label="Corruption", elem_id="corruption")
+    ui.sigma = named_errors(gr.Slider(0, 1, strength["gaussian"], step=0.01, label="Gaussian sigma"))
+    ui.p = named_errors(gr.Slider(0, 1, strength["salt_pepper"], step=0.01, label="Salt-and-pepper p", visible=False))
+    with gr.Group(visible=False) as ui.attack_box:
+        ui.eps = named_errors(gr.Slider(0, 0.5, strength["pgd_linf"], step=0.001,
+                                        label="eps (L-inf, pixel units; 8/255 = 0.031)"))
+        ui.attack_steps = named_errors(gr.Slider(1, limits.max_attack_steps, 10, step=1, label=(
+            f"Attack steps (adaptive: at most {limits.max_adaptive_steps})")))
+    with gr.Group(visible=False) as ui.adaptive_box:
+        ui.eot = named_errors(gr.Slider(1, limits.max_eot, 1, step=1, label="EOT samples"))
+        ui.surrogate = named_errors(gr.Slider(1, limits.max_surrogate_steps, 2, step=1,
+                                              label="Surrogate DDIM steps"))
+    ui.threat = gr.Markdown(threat_text("gaussian"), elem_id="threat-line", label="threat model")
+    ui.model = gr.Dropdown(model_choices(models), value=DEFAULT_MODEL if DEFAULT_MODEL in models else None,
+                           label="Purifier (dense, TT or classical)", elem_id="model")
+    ui.t_star = named_errors(gr.Slider(1, studio.num_timesteps, DEFAULT_T_STAR, step=1, label="t* (diffusion depth)",
+                                       elem_id="t-star"))
+    with gr.Row():
+        ui.purify_btn = gr.Button("Purify", variant="primary", elem_id="purify-btn", scale=2)
+        ui.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
+    ui.adaptive_t = gr.Checkbox(False, label="Adaptive t*: choose t* from the input's estimated noise",
+                                elem_id="adaptive-t")
+    ui.t_text = gr.Markdown(noise_text(DEFAULT_T_STAR))
+    with gr.Accordion("More settings: sampler, steps, seed", open=False, elem_id="more-settings"):
+        ui.method = gr.Radio(list(METHODS), value=DEFAULT_METHOD, label="Sampler", elem_id="method")
+        ui.steps = named_errors(gr.Slider(1, limits.max_reverse_steps, DEFAULT_STEPS, step=1,
+                                          label="Reverse steps (one-step ignores this)", elem_id="steps"))
+        ui.seed = named_errors(gr.Number(0, precision=0, minimum=0, label="Seed (noise, attack start, purification)",
+                                         elem_id="seed"))
+        ui.corrupt_btn = gr.Button("Corrupt only (no purification)", elem_id="corrupt-btn", size="sm")
+
+
+def result_panel(ui) -> None:
+    """The result beside the settings: corrupted, x_t, purified, and the three predictions."""
+    with gr.Row():
+        picture = dict(format="png", interactive=False, height=175, min_width=100, elem_classes=["captioned"])
+        ui.corrupted = gr.Image(label="Corrupted image", elem_id="corrupted", **picture)
+        ui.x_t = gr.Image(label="x_t (diffused)", elem_id="x-t", **picture)
+        ui.purified = gr.Image(label="Purified image", elem_id="pred-x0", **picture)
+    ui.progress = gr.Markdown(elem_id="progress", label="progress")
+    with gr.Row():
+        top3 = dict(num_top_classes=3, min_width=110)
+        ui.clean_top = gr.Label(label="Clean", elem_id="pred-clean", **top3)
+        ui.corrupted_top = gr.Label(label="Corrupted", elem_id="pred-corrupted", **top3)
+        ui.purified_top = gr.Label(label="Purified", elem_id="pred-purified", **top3)
+    ui.seen = gr.Image(label="What the model sees", format="png", interactive=False, height=150,
+                       elem_id="model-view", elem_classes=["captioned"])
+    ui.seen_msg = gr.Markdown(elem_id="prepare-message", label="model input")
+
+
+def details_panel(ui) -> None:
+    """Below the fold: the run step by step, the perturbation, and downloads."""
+    gr.Markdown("### The run step by step")
+    with gr.Row(equal_height=True):
+        ui.trajectory = gr.LinePlot(
+            x="step", y="value", color="series", y_lim=[0, 1], height=280, scale=2, elem_id="trajectory",
+            label="Along the reverse steps: confidence (blue; the true class, or the clean input's predicted class "
+                  "when the label is unknown) and RMSE to the clean image (orange)",
+            color_map={KNOWN: "#1f77b4", GUESSED: "#1f77b4", RMSE: "#ff7f0e"})
+        ui.perturbation = gr.Image(label="Perturbation, amplified", format="png", interactive=False, height=220,
+                                   scale=1, min_width=180, elem_id="perturbation")
+    ui.strip = gr.Image(label="Steps: x_t (top), predicted clean image (bottom)", format="png", interactive=False,
+                        height=220, elem_id="strip")
+    ui.attack_sizes = gr.Markdown(elem_id="attack-line", label="perturbation sizes")
+    with gr.Row():
+        ui.gif = gr.File(label="GIF of the run", height=90, elem_id="gif")
+        ui.run_zip = gr.File(label="The run as a ZIP: PNGs (native and enlarged), steps, GIF, run.json (settings, "
+                                   "seed, t*, predictions, sizes)", height=90, elem_id="run-zip")
+
+
+def purify_tab(ui) -> None:
+    ui.examples = gr.Gallery(value=examples(DEFAULT_DATASET), label="Examples (click one): two per class", columns=20,
+                             height=90, object_fit="contain", allow_preview=False, format="png", elem_id="examples",
+                             elem_classes=["pixelated", "captioned"])
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=4, min_width=260):
+            input_panel(ui)
+        with gr.Column(scale=4, min_width=280):
+            settings_panel(ui)
+        with gr.Column(scale=5, min_width=320):
+            result_panel(ui)
+    details_panel(ui)
+
+
+def compare_tab(ui) -> None:
+    gr.Markdown("Runs the input, corruption, t*, sampler, steps and seed set on the Purify tab through every "
+                "purifier: dense, every TT rank and layout, and the classical filters. Compression is the dense "
+                "U-Net's parameter count over the model's; seconds are the measured purification time here.")
+    with gr.Row():
+        ui.compare_btn = gr.Button("Compare every purifier", variant="primary", elem_id="compare-btn")
+        ui.compare_stop = gr.Button("Stop", variant="stop")
+    ui.compare_status = gr.Markdown(elem_id="compare-status", label="status")
+    ui.compare_gallery = gr.Gallery(label="Purified by each purifier", columns=6, height=320, format="png",
+                                    allow_preview=False, elem_id="compare-gallery", elem_classes=["pixelated"])
+    ui.compare_table = gr.Dataframe(label="Results", elem_id="compare-table", interactive=False)
+    ui.compare_csv = gr.File(label="The table as CSV", elem_id="compare-csv")
+
+
+def learn_tab(ui) -> None:
+    gr.Markdown("### Tensor-train cores\nEach 3x3 convolution kernel W[o, i, a, b] of a TT purifier is "
+                "stored as small cores, one per mode, and rebuilt as their contraction.")
+    with gr.Row():
+        tt_models = _tt_models(DEFAULT_DATASET)
+        # (custom values: an API call may name another dataset's model; learn_layer checks it)
+        ui.learn_model = gr.Dropdown(model_choices(tt_models), label="TT model", allow_custom_value=True,
+                                     value=DEFAULT_MODEL if DEFAULT_MODEL in tt_models else None)
+        ui.learn_layer = gr.Dropdown([], label="Layer", allow_custom_value=True)
+        ui.learn_btn = gr.Button("Show cores", elem_id="learn-btn")
+    ui.layer_plot = gr.Plot(label="Cores and kernels", elem_id="layer-plot")
+    ui.layer_text = gr.Markdown(label="layer")
+    gr.Markdown("### Parameters as the rank changes")
+    ui.rank = named_errors(gr.Slider(1, MAX_RANK, 2, step=1, label="Rank R"))
+    ui.params_text = gr.Markdown(label="formula")
+    ui.params_plot = gr.Plot(label="Whole U-Net parameters by layout and rank", elem_id="params-plot")
+    gr.Markdown("### Noise std over t")
+    ui.schedule_plot = gr.Plot(label="Noise schedule", elem_id="schedule-plot")
+    ui.schedule_text = gr.Markdown(elem_id="schedule-text", label="t*")
+    gr.Markdown("### The guidance lesson\nThe authors guide the purifier with the label. Compare the input purified "
+                "by a class-conditional purifier with no label, the true label and a wrong label (uses the Purify "
+                "tab's input, t* and seed).")
+    ui.guide_btn = gr.Button("Run the guidance lesson", elem_id="guide-btn")
+    ui.guide_gallery = gr.Gallery(label="No label / true label / wrong label", columns=3, height="auto", format="png",
+                                  object_fit="contain", allow_preview=False, elem_classes=["pixelated"])
+    ui.guide_text = gr.Markdown(elem_id="guide-text", label="what the run showed")
+
+
+def wire_input(ui) -> None:
+    """The input is prepared once per user action (upload, example, drawing, dataset). Not on
+    image.change: the browser fires that two or three times for one upload, and a bad upload then
+    showed its error toast as many times."""
+    light = dict(concurrency_id="light", concurrency_limit=4)
+    private = dict(api_visibility="private", queue=False)
+    seen = [ui.seen, ui.seen_msg]
+    cleared = outputs(ui, RunView)  # the previous dataset's or input's results
+    ui.dataset.change(lambda ds: dataset_changed(ds) + (None,) * len(cleared), ui.dataset,
+                      outputs(ui, DatasetView) + cleared, **private).then(
+        prepare, [ui.dataset, ui.image], seen, api_name="prepare_dataset_default", api_visibility="private", **light)
+    ui.examples.select(example_selected, ui.dataset, [ui.image, ui.true_label], **private).then(
+        prepare, [ui.dataset, ui.image], seen, api_name="prepare_example", api_visibility="private", **light)
+    ui.image.upload(lambda: UNKNOWN, None, ui.true_label, **private)  # an upload's label is unknown
+    # A failed upload leaves no stale input behind: the image and its label are cleared too.
+    ui.image.upload(prepare, [ui.dataset, ui.image], seen, api_name="prepare", **light).failure(
+        lambda: (None, UNUSABLE_UPLOAD, None, UNKNOWN), None, seen + [ui.image, ui.true_label], **private)
+    ui.image.clear(lambda: (None, "No input image: upload one or pick an example."), None, seen, **private)
+    ui.image.change(lambda: (None,) * len(cleared), None, cleared, **private)  # new input: old results go
+    ui.draw_box.expand(None, js=PICK_BRUSH)  # the sketchpad opens with its brush in hand
+    # A drawing takes the upload's path: it becomes the input image, the label unknown, then prepared.
+    ui.sketch.change(use_drawing, [ui.sketch, ui.drawn], [ui.image, ui.true_label, ui.drawn], api_name="use_drawing",
+                     api_visibility="private", **light).success(
+        prepare, [ui.dataset, ui.image], seen, api_name="prepare_drawing", api_visibility="private", **light)
+    kind_inputs = [ui.kind, ui.eps, ui.attack_steps, ui.eot, ui.surrogate]
+    ui.kind.change(kind_changed, kind_inputs, outputs(ui, KindView), **private)
+    for c in (ui.eps, ui.attack_steps, ui.eot, ui.surrogate):
+        c.release(threat_text, kind_inputs, ui.threat, **private)
+    ui.t_star.change(noise_text, ui.t_star, ui.t_text, **private)
+
+
+def run_inputs(ui) -> list:
+    return [ui.dataset, ui.image, ui.true_label, ui.kind, ui.sigma, ui.p, ui.eps, ui.attack_steps, ui.eot,
+            ui.surrogate, ui.seed, ui.model, ui.t_star]
+
+
+def wire_runs(ui, demo) -> list:
+    """Corrupt, purify (also once on load: the first visit shows a result) and compare; returns the events."""
+    heavy = dict(concurrency_id="heavy", concurrency_limit=HEAVY_CONCURRENCY, time_limit=600)
+    inputs = run_inputs(ui) + [ui.method, ui.steps, ui.adaptive_t]
+    corrupt_outputs = outputs(ui, CorruptView)
+    ui.corrupt_btn.click(lambda: (None,) * len(RunView._fields), None, outputs(ui, RunView), api_visibility="private",
+                         queue=False)
+    events = [ui.corrupt_btn.click(corrupt, run_inputs(ui), corrupt_outputs, api_name="corrupt",
+                                   show_progress="minimal", **heavy),
+              ui.purify_btn.click(purify, inputs, outputs(ui, RunView), api_name="purify", show_progress="hidden",
+                                  **heavy),
+              demo.load(purify, inputs, outputs(ui, RunView), api_name="initial_purify", api_visibility="private",
+                        show_progress="hidden", **heavy),
+              ui.compare_btn.click(compare, inputs, outputs(ui, CompareView), api_name="compare",
+                                   show_progress="minimal", **heavy)]
+    demo.load(prepare, [ui.dataset, ui.image], [ui.seen, ui.seen_msg], api_name="initial_prepare",
+              api_visibility="private")
+    return events
+
+
+def wire_learn(ui, demo) -> list:
+    heavy = dict(concurrency_id="heavy", concurrency_limit=HEAVY_CONCURRENCY, time_limit=600)
+    params, schedule = [ui.params_text, ui.params_plot], [ui.schedule_plot, ui.schedule_text]
+    demo.load(learn_params, [ui.dataset, ui.rank], params, api_name="initial_params", api_visibility="private")
+    demo.load(learn_schedule, ui.t_star, schedule, api_name="initial_schedule", api_visibility="private")
+    # The dataset's t* moves the slider: the schedule plot follows it; its TT models fill the Learn list.
+    ui.dataset.change(learn_schedule, ui.t_star, schedule, api_name="dataset_schedule", api_visibility="private")
+    ui.t_star.release(learn_schedule, ui.t_star, schedule, api_name="learn_schedule")
+    ui.rank.release(learn_params, [ui.dataset, ui.rank], params, api_name="learn_params")
+    # The cores show as soon as the tab opens, and follow the model and layer picked (user input
+    # only: learn_layer itself updates both lists); another dataset brings its own TT models.
+    layer_inputs, private = [ui.dataset, ui.learn_model, ui.learn_layer], dict(api_visibility="private", **heavy)
+    ui.learn_tab.select(learn_layer, layer_inputs, outputs(ui, LayerView), api_name="learn_tab", **private)
+    ui.learn_model.input(learn_layer, [ui.dataset, ui.learn_model], outputs(ui, LayerView), api_name="learn_model",
+                         **private)
+    ui.learn_layer.input(learn_layer, layer_inputs, outputs(ui, LayerView), api_name="learn_pick_layer", **private)
+    ui.dataset.change(learn_models, ui.dataset, outputs(ui, LayerView), api_name="learn_models",
+                      api_visibility="private", queue=False)
+    ui.dataset.change(learn_params, [ui.dataset, ui.rank], params, api_name="dataset_params", api_visibility="private")
+    return [ui.learn_btn.click(learn_layer, [ui.dataset, ui.learn_model, ui.learn_layer], outputs(ui, LayerView),
+                               api_name="learn_layer", **heavy),
+            ui.guide_btn.click(guidance, [ui.dataset, ui.image, ui.true_label, ui.t_star, ui.seed],
+                               [ui.guide_gallery, ui.guide_text], api_name="guidance", **heavy)]
+
+
+def build_demo() -> gr.Blocks:
+    ui = SimpleNamespace()
+    with gr.Blocks(title="TendiffPure Studio", delete_cache=(3600, 3600)) as demo:
+        header(ui)
         with gr.Tabs():
             with gr.Tab("Purify", id="purify"):
-                gr.Markdown("### 1 · Pick or upload")
-                with gr.Row(equal_height=False):
-                    dataset = gr.Radio([(DATASET_TITLES[d], d) for d in DATASETS], value=default_ds,
-                                       label="Dataset", elem_id="dataset", scale=1, min_width=200)
-                    gallery = gr.Gallery(value=ex, label="Examples (click one): two per class", columns=10, height=210,
-                                         object_fit="contain", allow_preview=False, format="png", elem_id="examples",
-                                         elem_classes=["pixelated"], scale=5)
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=1, min_width=280):
-                        image = readable_upload_errors(gr.Image(
-                            value=default_image, type="filepath", image_mode=None, format="png",
-                            sources=["upload", "clipboard"], label="Input image (upload any image)", height=200,
-                            elem_id="input-image", elem_classes=["pixelated"]))
-                        # Only for the gray datasets, whose drawings prepare_image centres like their images.
-                        with gr.Accordion("Draw your own", open=False, elem_id="draw",
-                                          visible=default_ds in CENTRING) as draw_box:
-                            # Black ink on white paper: prepare_image inverts it, then centres and scales it.
-                            sketch = gr.Sketchpad(
-                                label="Draw with the mouse", show_label=False, type="numpy",
-                                image_mode="L", format="png", canvas_size=(280, 280), fixed_canvas=True, height=320,
-                                brush=gr.Brush(default_size=22, colors=["#000000"], color_mode="fixed"),
-                                layers=False, transforms=(), elem_id="sketch")
-                            drawn = gr.State(None)  # the hash of the drawing last made the input
-                        true_label = gr.Dropdown([UNKNOWN] + CLASS_NAMES[default_ds], value=label_from_path(default_ds, default_image),
-                                                 label="True label", elem_id="true-label",
-                                                 # The choices follow the dataset in the browser, but an API
-                                                 # call sees the initial (MNIST) list: the pipeline checks
-                                                 # the label against the request's dataset instead.
-                                                 allow_custom_value=True)
-                        with gr.Row():
-                            seen = gr.Image(label="What the model sees", format="png", interactive=False, height=170,
-                                            elem_id="model-view")
-                        seen_msg = gr.Markdown(elem_id="prepare-message")
-                    with gr.Column(scale=1, min_width=280):
-                        gr.Markdown("### 2 · Corrupt")
-                        kind = gr.Radio([(CORRUPTIONS[k].title, k) for k in APP_CORRUPTIONS], value="gaussian",
-                                        label="Corruption", elem_id="corruption")
-                        sigma = gr.Slider(0, 1, STRENGTH["mnist"]["gaussian"], step=0.01, label="Gaussian sigma")
-                        p = gr.Slider(0, 1, STRENGTH["mnist"]["salt_pepper"], step=0.01, label="Salt-and-pepper p",
-                                      visible=False)
-                        eps = gr.Slider(0, 0.5, STRENGTH["mnist"]["pgd_linf"], step=0.001, visible=False,
-                                        label="eps (L-inf, pixel units; 8/255 = 0.031)")
-                        attack_steps = gr.Slider(1, studio.limits.max_attack_steps, 10, step=1,
-                                                 label="Attack steps (adaptive: at most "
-                                                       f"{studio.limits.max_adaptive_steps})", visible=False)
-                        with gr.Group(visible=False) as adaptive_box:
-                            eot = gr.Slider(1, studio.limits.max_eot, 1, step=1, label="EOT samples")
-                            surrogate = gr.Slider(1, studio.limits.max_surrogate_steps, 2, step=1,
-                                                  label="Surrogate DDIM steps")
-                        threat = gr.Markdown(threat_text("gaussian"), elem_id="threat-line")
-                        seed = gr.Number(0, precision=0, minimum=0, label="Seed (noise, attack start, purification)")
-                        corrupt_btn = gr.Button("Corrupt", elem_id="corrupt-btn")
-                        corrupted = gr.Image(label="Corrupted input", format="png", interactive=False, height=170,
-                                             elem_id="corrupted")
-                    with gr.Column(scale=1, min_width=280):
-                        gr.Markdown("### 3 · Purify")
-                        model = gr.Dropdown(model_choices(models), value=DEFAULT_MODEL if DEFAULT_MODEL in models else None,
-                                            label="Purifier (dense; TT layouts tt, ttm, authors)", elem_id="model")
-                        t_star = gr.Slider(1, studio.num_timesteps, DEFAULT_T_STAR, step=1, label="t* (diffusion depth)",
-                                           elem_id="t-star")
-                        adaptive_t = gr.Checkbox(False, label="Adaptive t*: choose t* from the input's estimated noise",
-                                                 elem_id="adaptive-t")
-                        t_text = gr.Markdown(noise_text(DEFAULT_T_STAR))
-                        method = gr.Radio(list(METHODS), value=DEFAULT_METHOD, label="Sampler", elem_id="method")
-                        steps = gr.Slider(1, studio.limits.max_reverse_steps, DEFAULT_STEPS, step=1,
-                                          label="Reverse steps (one-step ignores this)", elem_id="steps")
-                        with gr.Row():
-                            purify_btn = gr.Button("Purify", variant="primary", elem_id="purify-btn")
-                            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
-                        with gr.Row():
-                            x_t = gr.Image(label="x_t", format="png", interactive=False, height=170, elem_id="x-t")
-                            x0 = gr.Image(label="predicted clean image", format="png", interactive=False, height=170,
-                                          elem_id="pred-x0")
-                        progress = gr.Markdown(elem_id="progress")
-                gr.Markdown("### 4 · Predictions")
-                with gr.Row():
-                    lab_clean = gr.Label(num_top_classes=3, label="Clean", elem_id="pred-clean")
-                    lab_corrupt = gr.Label(num_top_classes=3, label="Corrupted", elem_id="pred-corrupted")
-                    lab_pure = gr.Label(num_top_classes=3, label="Purified", elem_id="pred-purified")
-                    plot = gr.LinePlot(x="step", y="value", color="series",
-                                       label="Along the reverse steps: true-class confidence (blue), RMSE to the "
-                                             "clean image (orange)",
-                                       color_map={"true-class confidence": "#1f77b4", "RMSE to clean image": "#ff7f0e"},
-                                       y_lim=[0, 1], height=300, scale=2, elem_id="trajectory")
-                with gr.Row(equal_height=True):
-                    strip = gr.Image(label="Steps: x_t (top), predicted clean image (bottom)", format="png",
-                                     interactive=False, scale=3, height=220, elem_id="strip")
-                    perturb = gr.Image(label="Perturbation, amplified", format="png",
-                                       interactive=False, height=220, scale=1, min_width=180, elem_id="perturbation")
-                attack_line = gr.Markdown(elem_id="attack-line")
-                with gr.Row():
-                    gif = gr.File(label="GIF of the run", height=90, elem_id="gif")
-                    run_zip_file = gr.File(label="The run as a ZIP: PNGs (native and enlarged), steps, GIF, run.json "
-                                                 "(settings, seed, t*, predictions, sizes)", height=90, elem_id="run-zip")
-            with gr.Tab("Compare ranks", id="compare"):
-                gr.Markdown("Runs the input, corruption, t*, sampler, steps and seed set on the Purify tab through "
-                            "the dense purifier and every TT rank. Compression is the dense U-Net's parameter count "
-                            "over the model's; seconds are the measured purification time on this machine.")
-                with gr.Row():
-                    compare_btn = gr.Button("Compare dense and every TT rank", variant="primary", elem_id="compare-btn")
-                    stop2 = gr.Button("Stop", variant="stop")
-                compare_status = gr.Markdown(elem_id="compare-status")
-                compare_gallery = gr.Gallery(label="Purified by each model", columns=5, height=300, format="png",
-                                             allow_preview=False, elem_id="compare-gallery", elem_classes=["pixelated"])
-                compare_table = gr.Dataframe(label="Results", elem_id="compare-table", interactive=False)
-                compare_csv = gr.File(label="The table as CSV", elem_id="compare-csv")
-            with gr.Tab("Learn", id="learn"):
-                gr.Markdown("### Tensor-train cores\nEach 3x3 convolution kernel W[o, i, a, b] of a TT purifier is "
-                            "stored as small cores, one per mode, and rebuilt as their contraction.")
-                with gr.Row():
-                    tt_models = [m for m in studio.available_models(default_ds) if m != "dense"]
-                    # (custom values: an API call may name another dataset's model; learn_layer checks it)
-                    learn_model = gr.Dropdown(model_choices(tt_models), value="tt-r2" if "tt-r2" in tt_models else None,
-                                              label="TT model", allow_custom_value=True)
-                    learn_layer_dd = gr.Dropdown([], label="Layer", allow_custom_value=True)
-                    learn_btn = gr.Button("Show cores", elem_id="learn-btn")
-                layer_plot = gr.Plot(label="Cores and kernels", elem_id="layer-plot")
-                layer_text = gr.Markdown()
-                gr.Markdown("### Parameters as the rank changes")
-                rank = gr.Slider(1, 8, 2, step=1, label="Rank R")
-                params_text = gr.Markdown()
-                params_plot = gr.LinePlot(x="rank", y="parameters", color="model",
-                                          label="Whole U-Net parameters: dense (gray), TT (blue), TT-matrix (green), authors' layout (red)",
-                                          color_map={"dense": "#7f7f7f", "tt": "#1f77b4", "ttm": "#2ca02c", "authors": "#d62728"},
-                                          height=320, elem_id="params-plot")
-                gr.Markdown("### Noise std over t")
-                schedule_plot = gr.Plot(label="Noise schedule", elem_id="schedule-plot")
-                schedule_text = gr.Markdown(elem_id="schedule-text")
-                gr.Markdown("### The guidance lesson\nThe authors guide the purifier with the label. Compare the "
-                            "input purified by a class-conditional purifier with no label, the true label and a "
-                            "wrong label (uses the Purify tab's input, t* and seed).")
-                guide_btn = gr.Button("Run the guidance lesson", elem_id="guide-btn")
-                guide_gallery = gr.Gallery(label="No label / true label / wrong label", columns=3, height=260,
-                                           format="png", allow_preview=False, elem_classes=["pixelated"])
-                guide_text = gr.Markdown(elem_id="guide-text")
+                purify_tab(ui)
+            with gr.Tab("Compare purifiers", id="compare"):
+                compare_tab(ui)
+            with gr.Tab("Learn", id="learn") as ui.learn_tab:
+                learn_tab(ui)
             with gr.Tab("API", id="api"):
                 gr.Markdown("Every main action is a named endpoint. With the app running:\n\n" + API_DOC)
-
-        # ---------------------------------------------------------------- events
-        run_inputs = [dataset, image, true_label, kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model,
-                      t_star]
-        # The input is prepared once per user action (upload, example, drawing, dataset). Not on image.change:
-        # the browser fires that two or three times for one upload, and a bad upload then showed
-        # its error toast as many times.
-        light = dict(concurrency_id="light", concurrency_limit=4)
-        dataset_ev = dataset.change(dataset_changed, dataset, [gallery, image, true_label, model, status, corrupted, x_t,
-                                                               x0, progress, lab_clean, lab_corrupt, lab_pure, plot,
-                                                               strip, gif, perturb, attack_line, run_zip_file, sigma,
-                                                               p, eps, t_star, draw_box],
-                                    api_visibility="private", queue=False)
-        dataset_ev.then(prepare, [dataset, image], [seen, seen_msg], api_name="prepare_dataset_default",
-                        api_visibility="private", **light)
-        # The dataset's t* moved the slider: the Learn tab's schedule plot follows it.
-        dataset_ev.then(learn_schedule, t_star, [schedule_plot, schedule_text], api_name="dataset_schedule",
-                        api_visibility="private", **light)
-        gallery.select(example_selected, dataset, [image, true_label], api_visibility="private", queue=False).then(
-            prepare, [dataset, image], [seen, seen_msg], api_name="prepare_example", api_visibility="private", **light)
-        image.upload(lambda: UNKNOWN, None, true_label, api_visibility="private", queue=False)  # label unknown
-        image.upload(prepare, [dataset, image], [seen, seen_msg], api_name="prepare", **light).failure(
-            lambda: (None, UNUSABLE_UPLOAD), None, [seen, seen_msg], api_visibility="private", queue=False)
-        image.clear(lambda: (None, "No input image: upload one or pick an example."), None, [seen, seen_msg],
-                    api_visibility="private", queue=False)
-        draw_box.expand(None, js=PICK_BRUSH)  # the sketchpad opens with its brush in hand
-        # A drawing takes the upload's path: it becomes the input image, the label unknown, then prepared.
-        sketch.change(use_drawing, [sketch, drawn], [image, true_label, drawn], api_name="use_drawing",
-                      api_visibility="private", **light).success(
-            prepare, [dataset, image], [seen, seen_msg], api_name="prepare_drawing", api_visibility="private", **light)
-        demo.load(prepare, [dataset, image], [seen, seen_msg], api_name="initial_prepare", api_visibility="private")
-        demo.load(learn_params, [dataset, rank], [params_text, params_plot], api_name="initial_params",
-                  api_visibility="private")
-        demo.load(learn_schedule, t_star, [schedule_plot, schedule_text], api_name="initial_schedule",
-                  api_visibility="private")
-        kind_inputs = [kind, eps, attack_steps, eot, surrogate]
-        kind.change(kind_changed, kind_inputs, [sigma, p, eps, attack_steps, adaptive_box, threat],
-                    api_visibility="private", queue=False)
-        for c in (eps, attack_steps, eot, surrogate):
-            c.release(threat_text, kind_inputs, threat, api_visibility="private", queue=False)
-        t_star.change(noise_text, t_star, t_text, api_visibility="private", queue=False)
-        t_star.release(learn_schedule, t_star, [schedule_plot, schedule_text], api_name="learn_schedule")
-        results = [x_t, x0, progress, lab_pure, plot, strip, gif, perturb, attack_line, run_zip_file]  # what a run shows
-        corrupt_btn.click(lambda: (None,) * len(results), None, results, api_visibility="private", queue=False)
-        image.change(lambda: (None,) * (len(results) + 3), None, results + [corrupted, lab_clean, lab_corrupt],
-                     api_visibility="private", queue=False)  # a new input: the old results no longer apply
-        corrupt_ev = corrupt_btn.click(corrupt, run_inputs, [corrupted, lab_clean, lab_corrupt, threat],
-                                       api_name="corrupt", show_progress="minimal", **heavy)
-        purify_ev = purify_btn.click(
-            purify, run_inputs + [method, steps, adaptive_t],
-            [x_t, x0, progress, corrupted, lab_clean, lab_corrupt, lab_pure, plot, strip, gif, perturb, attack_line,
-             run_zip_file],
-            api_name="purify", show_progress="hidden", **heavy)
-        compare_ev = compare_btn.click(compare, run_inputs + [method, steps, adaptive_t],
-                                       [compare_gallery, compare_table, compare_status, compare_csv], api_name="compare",
-                                       show_progress="minimal", **heavy)
-        learn_ev = learn_btn.click(learn_layer, [dataset, learn_model, learn_layer_dd],
-                                   [learn_model, learn_layer_dd, layer_plot, layer_text], api_name="learn_layer", **heavy)
-        rank.release(learn_params, [dataset, rank], [params_text, params_plot], api_name="learn_params")
-        guide_ev = guide_btn.click(guidance, [dataset, image, true_label, t_star, seed], [guide_gallery, guide_text],
-                                   api_name="guidance", **heavy)
-        cancels = [corrupt_ev, purify_ev, compare_ev, learn_ev, guide_ev]
-        stop_btn.click(None, cancels=cancels, api_visibility="private")
-        stop2.click(None, cancels=cancels, api_visibility="private")
+        wire_input(ui)
+        cancels = wire_runs(ui, demo) + wire_learn(ui, demo)
+        for stop in (ui.stop_btn, ui.compare_stop):
+            stop.click(None, cancels=cancels, api_visibility="private", queue=False).then(
+                stopped, None, ui.progress, api_visibility="private", queue=False)
     demo.queue(default_concurrency_limit=1, max_size=32)
     return demo
 
@@ -802,17 +973,18 @@ def launch_kwargs() -> dict:
 
 
 WARM_UP_TIMEOUT_S = 60
-WARM_UP_ARGS = ["mnist", str(ASSETS / DEFAULT_EXAMPLE), UNKNOWN, "gaussian", 0.2, 0.2, 0.2, 10, 1, 2,
-                # seed 1, not the default 0: the visitor's first default click still runs (and streams) live
-                1, DEFAULT_MODEL, DEFAULT_T_STAR, DEFAULT_METHOD, DEFAULT_STEPS]
+# The request the page makes on load (the default example, corruption, purifier and seed).
+WARM_UP_ARGS = [DEFAULT_DATASET, str(ASSETS / DEFAULT_EXAMPLE), label_from_path(DEFAULT_DATASET, DEFAULT_EXAMPLE),
+                "gaussian", STRENGTH[DEFAULT_DATASET]["gaussian"], STRENGTH[DEFAULT_DATASET]["salt_pepper"],
+                STRENGTH[DEFAULT_DATASET]["pgd_linf"], 10, 1, 2, 0, DEFAULT_MODEL, DEFAULT_T_STAR, DEFAULT_METHOD,
+                DEFAULT_STEPS]
 
 
 def warm_up() -> None:
-    """Run the default request once before the page is public, so that the first visitor's click
-    is fast: through the click's own handler (models, PNG/GIF encoders, plot code), then through
+    """Run the page's first request once before the page is public, so that the first visitor's
+    result is there at once: through the handler (models, PNG/GIF encoders, plot code), then through
     a server on a private port, closed afterwards: a server's first queued request is slower than
-    later ones, and a visitor's click must not queue behind the warm-up
-    (docs/performance.md, 'Why the code is shaped this way')."""
+    later ones (docs/performance.md, 'Why the code is shaped this way')."""
     args = list(WARM_UP_ARGS)
     try:
         for _ in purify(*args):
@@ -827,6 +999,7 @@ def warm_up() -> None:
             args[1] = handle_file(args[1])
             client = Client(demo.local_url, verbose=False, download_files=False, httpx_kwargs={"timeout": 30})
             # (bounded: a warm-up that hangs must not keep the app from starting)
+            args[10] = 1  # another seed: a run, not a replay of the one above
             client.submit(*args, api_name="/purify").result(timeout=WARM_UP_TIMEOUT_S)
         finally:
             demo.close()
@@ -834,10 +1007,18 @@ def warm_up() -> None:
         pass  # missing checkpoints (the UI says so when used)
 
 
-demo = build_demo()
-
-if __name__ == "__main__":
+def main() -> None:
+    # One thread: batch-1 inference gains nothing from a second, which stalls on a busy machine
+    # (docs/performance.md, 'Why the code is shaped this way').
+    torch.set_num_threads(int(os.environ.get("TENDIFF_THREADS", "1")))
+    tune_allocator()
     warm_up()
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                 server_port=int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", "7860"))),
                 **launch_kwargs())
+
+
+demo = build_demo()
+
+if __name__ == "__main__":
+    main()

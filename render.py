@@ -107,18 +107,21 @@ def run_zip(result: RunResult, record: dict, gif: bytes | None = None, scale: in
 
 
 def layer_figure(view: dict):
+    """A TT layer's cores (top row) and the kernel they rebuild beside the dense model's (bottom row)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cores = view["cores"]
     n = len(cores)
-    fig, axes = plt.subplots(1, n + 2, figsize=(3.0 * (n + 2), 3.2))
-    for k, (ax, core) in enumerate(zip(axes, cores)):
+    fig = plt.figure(figsize=(12, 7.5))
+    grid = fig.add_gridspec(2, 2 * n, height_ratios=[1, 1.6])
+    for k, core in enumerate(cores):
+        ax = fig.add_subplot(grid[0, 2 * k: 2 * k + 2])
         c = core.numpy()
         mat = c if c.ndim == 2 else c.reshape(c.shape[0], -1)
         ax.imshow(mat, cmap="RdBu_r", aspect="auto", interpolation="nearest")
-        ax.set_title(f"core {k + 1} {tuple(c.shape)}", fontsize=9)
+        ax.set_title(f"core {k + 1} {tuple(c.shape)}", fontsize=11)
         ax.set_xticks([]), ax.set_yticks([])
 
     def tiles(kernel):  # the first 8x8 (out, in) channel pairs, each a 3x3 kernel
@@ -129,17 +132,72 @@ def layer_figure(view: dict):
         return pad.transpose(0, 2, 1, 3).reshape(o * (kh + 1), i * (kw + 1))
 
     vmax = float(view["rebuilt"][:8, :8].abs().max())
-    axes[n].imshow(tiles(view["rebuilt"]), cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
-    axes[n].set_title("kernel rebuilt from the cores", fontsize=9)
+    rebuilt, dense = fig.add_subplot(grid[1, :n]), fig.add_subplot(grid[1, n:])
+    rebuilt.imshow(tiles(view["rebuilt"]), cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+    rebuilt.set_title("kernel rebuilt from the cores", fontsize=11)
     if view["dense"] is not None:
-        axes[n + 1].imshow(tiles(view["dense"]), cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
-        axes[n + 1].set_title("dense model's kernel", fontsize=9)
+        dense.imshow(tiles(view["dense"]), cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+        dense.set_title("dense model's kernel", fontsize=11)
     else:
-        axes[n + 1].text(0.5, 0.5, "dense checkpoint\nnot available", ha="center", va="center")
-    for ax in axes[n:]:
+        dense.text(0.5, 0.5, "dense checkpoint\nnot available", ha="center", va="center")
+    for ax in (rebuilt, dense):
         ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(f"{view['layer']} ({view['layout']} layout, ranks {view['ranks']}); kernels: first 8 out x 8 in channels",
-                 fontsize=10)
+    fig.suptitle(f"{view['layer']} ({view['layout']} layout, ranks {view['ranks']}); kernels: first 8 out x 8 in "
+                 "channels, each a 3x3 tile", fontsize=12)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def params_figure(rows: Sequence[dict], rank: int | None = None, paper_max_rank: int = 4):
+    """Whole-U-Net parameters against the rank for each layout (log scale), the dense count as a
+    line, the chosen rank marked and the paper's R <= range shaded."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = [row["rank"] for row in rows]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.axhline(rows[0]["dense"], color="#7f7f7f", ls="--", label=f"dense ({rows[0]['dense']:,})")
+    for layout, colour, title in (("tt", "#1f77b4", "TT"), ("ttm", "#2ca02c", "TT-matrix"),
+                                  ("authors", "#d62728", "authors' layout")):
+        ax.plot(ranks, [row[layout] for row in rows], "o-", ms=3, color=colour, label=title)
+        if rank in ranks:
+            value = rows[ranks.index(rank)][layout]
+            ax.plot([rank], [value], "o", ms=8, mfc="none", color=colour)
+            ax.annotate(f"{value:,}", (rank, value), xytext=(6, -4), textcoords="offset points", fontsize=8,
+                        color=colour)
+    ax.axvspan(ranks[0] - 0.5, paper_max_rank + 0.5, color="0.93", zorder=0)
+    ax.text(ranks[0], rows[0]["dense"] * 1.15, f"the paper's R <= {paper_max_rank}", fontsize=8, color="0.4")
+    if rank in ranks:
+        ax.axvline(rank, color="0.3", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(ranks)
+    ax.set_xlabel("rank R"), ax.set_ylabel("parameters (log scale)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def schedule_figure(stds: Sequence[float], t_star: int | None = None, trained_to: int = 400):
+    """The diffusion noise std at t = 1..T (log scale), t* marked, the steps beyond training shaded."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.arange(1, len(stds) + 1)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.semilogy(t, stds, color="#1f77b4")
+    if t_star is not None and 1 <= t_star <= len(stds):
+        std = stds[t_star - 1]
+        ax.axvline(t_star, color="#d62728", ls="--")
+        ax.annotate(f"t* = {t_star}: std {std:.3f}", (t_star, std), xytext=(10, -15), textcoords="offset points",
+                    color="#d62728")
+    ax.axvspan(trained_to, t[-1], color="0.9")
+    ax.text((trained_to + t[-1]) / 2, stds[5], f"beyond the training range (t > {trained_to})", ha="center", fontsize=8)
+    ax.set_xlabel("t"), ax.set_ylabel("noise std (pixel units)")
+    ax.set_title("Diffusing to t adds this much Gaussian noise", fontsize=10)
     fig.tight_layout()
     plt.close(fig)
     return fig

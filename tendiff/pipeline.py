@@ -18,29 +18,25 @@ model, t*, steps, method, seed), so a repeated request replays instantly.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from . import attacks
 from .checks import check_float, check_int
 from .checkpoints import CheckpointNotFoundError, checkpoint_name, load_model, manifest_path, read_manifest
 from .classifiers import predict
-from .data import CLASS_NAMES, DATASETS, IMAGE_SHAPE, check_dataset
+from .data import CLASS_NAMES, DATASETS, check_dataset
+from .inputs import UploadLimits, image_hash, quantize
 from .diffusion import METHODS, GaussianDiffusion, purify
 from .metrics import psnr, ssim
 from .classical import CLASSICAL, available as classical_available, estimate_noise, purify as classical_purify
 from .protocol import ADAPTIVE_T_STAR, CORRUPTIONS, DATASET_TITLES, PURIFIERS, T_STAR, corrupt, parse_model_label
-from .tt import TTConv2d, count_parameters, tt_layers, tt_param_count, dense_param_count
+from .tt import count_parameters
 from .unet import UNet, preset
 
 APP_CORRUPTIONS = ("none", "gaussian", "salt_pepper", "pgd_linf", "adaptive")  # what the app offers
@@ -60,9 +56,7 @@ class Limits:
     max_adaptive_steps: int = 10  # PGD iterations of the adaptive attack
     max_eot: int = 4
     max_surrogate_steps: int = 4
-    max_upload_bytes: int = 10 * 2 ** 20
-    max_upload_side: int = 4096
-    min_upload_side: int = 8
+    upload: UploadLimits = UploadLimits()
     max_seed: int = 2 ** 31 - 1
 
 
@@ -70,9 +64,12 @@ def check_label(dataset: str, label: Any) -> int | None:
     """A true label as a class index (None: unknown). Accepts an index or a class name."""
     if label is None or label == "" or (isinstance(label, str) and label.startswith("unknown")):
         return None
-    names = CLASS_NAMES[dataset]
-    if isinstance(label, str) and label in names:
-        return names.index(label)
+    names = CLASS_NAMES[check_dataset(dataset)]
+    if isinstance(label, str):  # a name only: "7" must not silently mean CIFAR-10's class 7
+        if label in names:
+            return names.index(label)
+        raise ValueError(f"true label {label!r} is not a {DATASET_TITLES[dataset]} class; use one of "
+                         f"{', '.join(names)}, or 'unknown'")
     return check_int("true label", label, 0, len(names) - 1)
 
 
@@ -156,251 +153,6 @@ class PurifySpec:
         steps = 1 if self.method == "one-step" else check_int(
             "number of reverse steps", self.steps, 1, min(limits.max_reverse_steps, max_steps))
         return replace(self, t_star=t_star, steps=steps, seed=check_int("seed", self.seed, 0, limits.max_seed))
-
-
-# ------------------------------------------------------------------------------ images
-@dataclass
-class Prepared:
-    tensor: torch.Tensor  # (1, C, H, W) in [0, 1], exactly 8-bit levels
-    message: str
-    inverted: bool = False
-
-
-def _open_upload(source, limits: Limits) -> Image.Image:
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"upload {path.name!r} was not found")
-        size = path.stat().st_size
-        if size > limits.max_upload_bytes:
-            raise ValueError(f"the upload is {size / 2**20:.1f} MB; the limit is {limits.max_upload_bytes / 2**20:.0f} MB")
-        source = path.read_bytes()
-    if isinstance(source, (bytes, bytearray)):
-        if len(source) > limits.max_upload_bytes:
-            raise ValueError(f"the upload is {len(source) / 2**20:.1f} MB; the limit is {limits.max_upload_bytes / 2**20:.0f} MB")
-        try:
-            img = Image.open(io.BytesIO(source))
-        except (UnidentifiedImageError, Image.DecompressionBombError):
-            raise ValueError("the upload is not an image PIL can read (or is absurdly large); upload a PNG or JPEG") from None
-        except Exception as exc:
-            raise ValueError(f"the upload could not be read as an image ({type(exc).__name__})") from None
-        return img
-    if isinstance(source, Image.Image):
-        return source
-    raise ValueError(f"expected an image, got {type(source).__name__}")
-
-
-def _array_to_pil(arr: np.ndarray) -> Image.Image:
-    arr = np.asarray(arr)
-    if arr.dtype == np.uint16 or arr.dtype == np.int32:
-        raise ValueError("16-bit images are not supported; save the image with 8 bits per channel")
-    if arr.dtype.kind == "f":
-        if not np.isfinite(arr).all():
-            raise ValueError("the image holds NaN or infinite values; send finite values in [0, 1]")
-        if arr.min() < 0 or arr.max() > 1:
-            raise ValueError(f"float image values must lie in [0, 1]; these span "
-                             f"[{arr.min():.3g}, {arr.max():.3g}]")
-        arr = np.round(arr * 255).astype(np.uint8)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"unsupported image array type {arr.dtype}")
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.ndim == 2:
-        return Image.fromarray(arr, "L")
-    if arr.ndim == 3 and arr.shape[2] in (3, 4):
-        return Image.fromarray(arr, "RGB" if arr.shape[2] == 3 else "RGBA")
-    raise ValueError(f"an image array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
-
-
-# How the MNIST-like datasets' images were made, for drawings and photos to look the same.
-@dataclass(frozen=True)
-class Centring:
-    box: int  # the ink's longer side, in pixels of the 28x28 field
-    by: str  # "mass": centre of mass at the field's centre (LeCun); "box": bounding box centred
-    note: str  # what prepare_image's message says
-
-
-CENTRING = {
-    # LeCun et al.: the NIST digit, aspect kept, antialiased into a 20x20 box, then placed in 28x28
-    # with its centre of mass at the centre.
-    "mnist": Centring(20, "mass", "cropped to the ink, centred and scaled like MNIST digits (20 px box, centre "
-                                  "of mass in the middle)"),
-    # Xiao et al. (Zalando): the product trimmed, its longer edge resized to 28, centred; the bundled
-    # examples fill the field the same way (a box of 28 on the longer side).
-    "fashion_mnist": Centring(28, "box", "cropped to the ink, centred and scaled like Fashion-MNIST items "
-                                         "(longer side 28 px)"),
-}
-INVERTED = "inverted (light background; these models expect a light object on black)"
-EMPTY_DRAWING = "the drawing is empty: draw something first"
-INK_LEVELS = 16  # below this many 8-bit levels above the background, an image holds no ink
-
-
-def _light_background(arr: np.ndarray) -> bool:
-    """Whether a gray image's border is light (a dark object on white: to be inverted)."""
-    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
-    return float(border.mean()) > 127
-
-
-def in_dataset_format(img: Image.Image, size: tuple[int, int]) -> bool:
-    """The rule for "already a dataset image": exactly ``size``, or an exact nearest-neighbour
-    enlargement of an image of that size (each k x k block holds one value)."""
-    w, h = img.size
-    if (w, h) == size:
-        return True
-    k = w // size[0]
-    if k < 2 or (w, h) != (size[0] * k, size[1] * k):
-        return False
-    arr = np.asarray(img)
-    blocks = arr.reshape(size[1], k, size[0], k, *arr.shape[2:])
-    return bool((blocks == blocks[:, :1, :, :1]).all())
-
-
-def centre_like_dataset(arr: np.ndarray, dataset: str, size: int = 28) -> np.ndarray | None:
-    """A gray image, light ink on dark (any size), made like the dataset's images: the background
-    level (the border's median) subtracted, the ink's bounding box cropped, scaled (aspect kept,
-    antialiased) so that its longer side is ``CENTRING[dataset].box`` pixels and pasted into a
-    ``size`` x ``size`` field, by its centre of mass (MNIST) or its box (Fashion-MNIST); the ink's
-    brightest level becomes 255. Returns uint8 (size, size), or None when there is no ink."""
-    rule = CENTRING[dataset]
-    a = np.asarray(arr, dtype=np.float32)
-    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    a = np.clip(a - np.median(border), 0, None)
-    peak = float(a.max())
-    if peak < INK_LEVELS:
-        return None
-    ys, xs = np.nonzero(a > peak / 8)  # the ink's box (faint antialiasing and noise left out)
-    crop = a[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1] * (255.0 / peak)
-    h, w = crop.shape
-    scale = rule.box / max(h, w)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    patch = np.asarray(Image.fromarray(crop, "F").resize((nw, nh), Image.LANCZOS), dtype=np.float32)
-    patch = np.clip(patch, 0, 255)
-    if rule.by == "mass" and patch.sum() > 0:
-        cy = float((patch.sum(1) * np.arange(nh)).sum() / patch.sum())
-        cx = float((patch.sum(0) * np.arange(nw)).sum() / patch.sum())
-        oy, ox = round(size / 2 - cy), round(size / 2 - cx)
-    else:
-        oy, ox = (size - nh) // 2, (size - nw) // 2
-    oy, ox = min(max(oy, 0), size - nh), min(max(ox, 0), size - nw)  # the whole box stays in the field
-    field = np.zeros((size, size), np.float32)
-    field[oy: oy + nh, ox: ox + nw] = patch
-    return np.round(field).astype(np.uint8)
-
-
-def drawn_image(drawing) -> Image.Image:
-    """A sketchpad's composite (array or PIL image, any mode; transparency counts as white paper)
-    as a gray PIL image; refuses an empty drawing with a message."""
-    if drawing is None:
-        raise ValueError(EMPTY_DRAWING)
-    img = drawing if isinstance(drawing, Image.Image) else _array_to_pil(np.asarray(drawing))
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        paper = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(paper, img.convert("RGBA"))
-    gray = img.convert("L")
-    lo, hi = gray.getextrema()
-    if hi - lo < INK_LEVELS:
-        raise ValueError(EMPTY_DRAWING)
-    return gray
-
-
-def prepare_image(image, dataset: str, limits: Limits = Limits()) -> Prepared:
-    """Any upload -> the (1, C, H, W) tensor in [0, 1] that the dataset's models take.
-
-    Refuses, with a message for the user: files that are not images, files over the size limit,
-    images larger than ``max_upload_side`` or smaller than ``min_upload_side`` pixels on a side,
-    animations, 16-bit images, float images with values outside [0, 1] or NaN/inf, and images
-    with transparent pixels. Accepts everything
-    else: crops the centre square (when not square), resizes (box filter for exact integer
-    factors, so an image enlarged with nearest-neighbour comes back exactly; Lanczos otherwise),
-    converts to the dataset's colour mode, and for MNIST-like datasets (white digit on black)
-    inverts a gray image whose border is light.
-
-    For the MNIST-like datasets a drawing, photo or scan is also centred and scaled the way the
-    dataset's images were made (:func:`centre_like_dataset`). The rule for "already in the
-    dataset's format, leave it alone": a gray image that is exactly 28x28, or an exact
-    nearest-neighbour enlargement of a 28x28 image (every k x k block one value: a bundled example
-    or a saved model view, enlarged). Everything else with ink on it is centred; a blank image is not.
-    """
-    check_dataset(dataset)
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-        image = image[0] if image.ndim == 4 else image
-        image = np.moveaxis(image, 0, -1) if image.ndim == 3 and image.shape[0] in (1, 3) else image
-    img = _array_to_pil(image) if isinstance(image, np.ndarray) else _open_upload(image, limits)
-    if getattr(img, "is_animated", False) or getattr(img, "n_frames", 1) > 1:
-        raise ValueError("animated images are not supported; upload a single still frame")
-    w, h = img.size
-    if max(w, h) > limits.max_upload_side:
-        raise ValueError(f"the image is {w}x{h} pixels; the limit is {limits.max_upload_side} on a side")
-    if min(w, h) < limits.min_upload_side:
-        raise ValueError(f"the image is {w}x{h} pixels, too small to be recognised; "
-                         f"at least {limits.min_upload_side} on a side is needed")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I") or img.mode.startswith("I;16"):
-        raise ValueError(f"16-bit images (mode {img.mode}) are not supported; save the image with 8 bits per channel")
-    try:
-        img.load()
-    except Exception as exc:
-        raise ValueError(f"the image file is damaged or truncated ({type(exc).__name__})") from None
-    source_mode = img.mode
-    if img.mode == "F":
-        # A float image (e.g. a 32-bit TIFF written from an array): accepted when it holds
-        # finite values in [0, 1], which _array_to_pil checks before rounding to 8 bits.
-        img = _array_to_pil(np.asarray(img, dtype=np.float32))
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
-        alpha = img.convert("RGBA").getchannel("A")
-        if alpha.getextrema()[0] < 255:
-            raise ValueError("the image has transparent pixels; flatten it onto a background and upload it again")
-    original = f"{w}x{h} {source_mode}"
-    steps = []
-    c, H, W = IMAGE_SHAPE[dataset]
-    img = img.convert("L" if c == 1 else "RGB")
-    if img.mode == "L" and source_mode not in ("L", "1", "F"):
-        steps.append(f"converted from {source_mode} to grayscale")
-    elif img.mode == "RGB" and source_mode != "RGB":
-        steps.append(f"converted from {source_mode} to RGB" + (" (gray copied to 3 channels)" if source_mode in ("L", "1", "F") else ""))
-    centred = None
-    if dataset in CENTRING and not in_dataset_format(img, (W, H)):
-        full = np.asarray(img, dtype=np.uint8)
-        light = _light_background(full)
-        centred = centre_like_dataset(255 - full if light else full, dataset)
-    if centred is not None:  # the centring crops and scales the ink itself: no centre square, no resize
-        arr, inverted = centred, light
-        if inverted:
-            steps.append(INVERTED)
-        steps.append(CENTRING[dataset].note)
-    else:
-        if w != h:
-            side = min(w, h)
-            img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-            steps.append("cropped to the centre square")
-        if img.size != (W, H):
-            factor = img.size[0] / W
-            exact = factor == int(factor) and img.size[1] == H * int(factor)
-            img = img.resize((W, H), Image.BOX if exact else Image.LANCZOS)
-            steps.append(f"resized to {W}x{H}")
-        inverted = False
-        arr = np.asarray(img, dtype=np.uint8)
-        if c == 1 and _light_background(arr):
-            arr = 255 - arr
-            inverted = True
-            steps.append(INVERTED)
-    tensor = torch.from_numpy(arr.copy()).float().div(255)
-    tensor = tensor[None, None] if c == 1 else tensor.permute(2, 0, 1)[None]
-    mode = "gray" if c == 1 else "RGB"
-    message = f"Model input: {W}x{H} {mode}, from a {original} image" + (f"; {', '.join(steps)}." if steps else " (unchanged).")
-    return Prepared(tensor.contiguous(), message, inverted)
-
-
-def quantize(x: torch.Tensor) -> torch.Tensor:
-    """Round to 8-bit levels: what is shown (a PNG) is exactly what is purified."""
-    return (x.clamp(0, 1) * 255).round() / 255
-
-
-def image_hash(x: torch.Tensor) -> str:
-    arr = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return hashlib.sha1(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------------- results
@@ -824,40 +576,6 @@ class Studio:
         return CompareRow(spec.model, True, last.x_t, name, conf, float(p[tracked]), params,
                           dense_params / params if params else float("nan"), time.perf_counter() - start)
 
-    # ------------------------------------------------------------------ learn
-    def tt_layer_names(self, dataset: str, model: str) -> list[str]:
-        return [name for name, _ in tt_layers(self.purifier(dataset, model))]
-
-    def layer_view(self, dataset: str, model: str, layer: str | None = None) -> dict:
-        """Cores of one TT layer, the kernel they rebuild, and the dense model's kernel there."""
-        layout, rank = parse_model_label(model)
-        if layout == "dense":
-            raise ValueError("pick a TT model (tt, ttm or authors layout) to see its cores")
-        net = self.purifier(dataset, model)
-        layers = dict(tt_layers(net))
-        layer = layer or next(iter(layers))
-        if layer not in layers:
-            raise ValueError(f"{model} has no TT layer {layer!r}; it has {', '.join(layers)}")
-        tt: TTConv2d = layers[layer]
-        with torch.no_grad():
-            rebuilt = tt.full_kernel().float()
-        dense_kernel, rel_error = None, None
-        try:
-            dense = dict(self.purifier(dataset, "dense").named_modules())[layer]
-            dense_kernel = dense.weight.detach().float()
-            rel_error = float((rebuilt - dense_kernel).norm() / dense_kernel.norm())
-        except (CheckpointNotFoundError, KeyError, AttributeError):
-            pass
-        kh, kw = tt.kernel_size
-        return {
-            "layer": layer, "layout": tt.layout, "ranks": tt.ranks,
-            "shape": (tt.out_channels, tt.in_channels, kh, kw),
-            "cores": [c.detach().float() for c in tt.cores],
-            "rebuilt": rebuilt, "dense": dense_kernel, "relative_error": rel_error,
-            "tt_parameters": tt_param_count(tt.in_channels, tt.out_channels, (kh, kw), tt.ranks, tt.layout, bias=False),
-            "dense_parameters": dense_param_count(tt.in_channels, tt.out_channels, (kh, kw), bias=False),
-        }
-
     def guidance_lesson(self, dataset: str, x: torch.Tensor, true_label: int, wrong_label: int | None = None,
                         spec: PurifySpec = PurifySpec(model="dense"), guidance_scale: float = 3.0) -> dict:
         """Purify x with a class-conditional purifier: no label, the true label, a wrong label.
@@ -888,15 +606,3 @@ class Studio:
             out[key] = (last.x_t, self.predict_topk(dataset, last.x_t, 3))
         return out
 
-
-def parameter_table(dataset: str, ranks: Sequence[int] = range(1, 9)) -> list[dict]:
-    """Whole-U-Net parameter counts for dense and the ``tt``, ``ttm`` and authors' layouts."""
-    check_dataset(dataset)
-    dense = count_parameters(UNet(preset(dataset)))
-    rows = []
-    for r in ranks:
-        tt = count_parameters(UNet(preset(dataset, conv="tt", rank=r)))
-        ttm = count_parameters(UNet(preset(dataset, conv="ttm", rank=r)))
-        au = count_parameters(UNet(preset(dataset, conv="authors", rank=r)))
-        rows.append({"rank": r, "dense": dense, "tt": tt, "ttm": ttm, "authors": au})
-    return rows

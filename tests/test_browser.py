@@ -60,6 +60,7 @@ def page(server, browser):
     page.set_default_timeout(60_000)
     page.goto(server)
     page.wait_for_selector("#model-view img")
+    page.wait_for_function("(document.querySelector('#progress')?.innerText || '').startsWith('Done')")  # on load
     SHOTS.mkdir(parents=True, exist_ok=True)
     yield page
     page.close()
@@ -94,6 +95,20 @@ def set_slider(page, elem_id: str, value) -> None:
     page.wait_for_function(f"document.querySelector('#{elem_id} input[type=range]').value == '{value}'")
 
 
+def choose(page, elem_id: str, shown: str) -> None:
+    """Pick an option of a dropdown by its shown text."""
+    page.click(f"#{elem_id} input")
+    page.click(f"[role=option]:has-text('{shown}')")
+    page.wait_for_function(f"document.querySelector('#{elem_id} input').value.startsWith({shown!r})")
+
+
+def more_settings(page) -> None:
+    """Open the accordion with the sampler, steps and seed (once; it stays open)."""
+    if not page.locator("#method").is_visible():
+        page.click("#more-settings .label-wrap, #more-settings button:has-text('More settings')")
+        page.wait_for_selector("#method", state="visible")
+
+
 def run_purify(page, timeout: float = 30.0) -> tuple[float, list[str]]:
     """Click Purify, watch the progress line, return (seconds to the final result, steps seen)."""
     before = text(page, "#progress")
@@ -110,7 +125,31 @@ def run_purify(page, timeout: float = 30.0) -> tuple[float, list[str]]:
     raise AssertionError(f"no final result after {timeout} s; saw {seen}")
 
 
-def test_default_click_streams_and_finishes(page):
+def test_first_visit_shows_a_result_above_the_fold(browser, server):
+    """At 1366x900 with no scroll and no click: the examples, the Purify button, and the default
+    example's result (corrupted, purified, the three predictions) are on screen."""
+    page = browser.new_page(viewport={"width": 1366, "height": 900})
+    try:
+        page.set_default_timeout(60_000)
+        page.goto(server)
+        page.wait_for_function("(document.querySelector('#progress')?.innerText || '').startsWith('Done')")
+        page.wait_for_selector("#pred-purified [data-testid=label-output-value], #pred-purified .output-class")
+        for selector in ("#examples", "#purify-btn", "#corrupted img", "#pred-x0 img", "#pred-clean",
+                         "#pred-corrupted", "#pred-purified"):
+            box = page.locator(selector).first.bounding_box()
+            assert box and box["y"] >= 0 and box["y"] + box["height"] <= 900, (selector, box)
+        shot(page, "00_first_visit", full_page=False)
+    finally:
+        page.close()
+
+
+def test_a_click_streams_and_finishes(page):
+    """The page shows the default seed's result on load; another seed is a new run, streamed step by step."""
+    more_settings(page)
+    seed = page.locator("#seed input")
+    seed.fill("5")
+    seed.press("Tab")
+    time.sleep(0.5)
     seconds, seen = run_purify(page)
     steps = [s for s in seen if s.startswith("Step")]
     assert len(steps) >= 3, f"the steps did not stream: {seen}"  # frames arrive one by one
@@ -149,9 +188,10 @@ def test_bad_upload_shows_a_message_and_the_app_keeps_working(page, tmp_path):
 
 
 def test_corrupt_with_pgd_states_the_threat_model(page):
-    page.click("#corruption label:has-text('PGD L-inf')")
+    choose(page, "corruption", "PGD L-inf")
     page.wait_for_selector("#threat-line:has-text('the attack sees only the classifier')")
     before = page.evaluate("document.querySelector('#corrupted img')?.src || ''")
+    more_settings(page)
     page.click("#corrupt-btn")
     page.wait_for_function(f"(document.querySelector('#corrupted img')?.src || {before!r}) !== {before!r}")
     page.wait_for_selector("#pred-corrupted [data-testid=label-output-value], #pred-corrupted .output-class")
@@ -165,14 +205,15 @@ def test_corrupt_with_pgd_states_the_threat_model(page):
     page.wait_for_selector("#run-zip a, #run-zip .file-preview")
     assert ".zip" in text(page, "#run-zip")
     shot(page, "04_corrupt_pgd")
-    page.click("#corruption label:has-text('Adaptive')")
+    choose(page, "corruption", "Adaptive")
     page.wait_for_selector("#threat-line:has-text('the attack sees the purifier')")
     assert "forward/backward passes" in text(page, "#threat-line")
-    page.click("#corruption label:has-text('Gaussian')")
+    choose(page, "corruption", "Gaussian")
     page.wait_for_selector("#threat-line:has-text('no attacker')")
 
 
 def test_purify_streams_steps_and_offers_a_gif(page):
+    more_settings(page)
     set_slider(page, "steps", 20)
     seconds, seen = run_purify(page)
     steps = {re.match(r"Step (\d+)/20", s).group(1) for s in seen if s.startswith("Step")}
@@ -186,14 +227,16 @@ def test_purify_streams_steps_and_offers_a_gif(page):
 
 
 def test_stop_button_cancels_a_long_run(page):
+    more_settings(page)
     page.click("#method label:has-text('ddpm')")
     set_slider(page, "t-star", 400)
     set_slider(page, "steps", 100)
     page.click("#purify-btn")
     page.wait_for_function("document.querySelector('#progress').innerText.startsWith('Step')")
     page.click("#stop-btn")
+    page.wait_for_function("document.querySelector('#progress').innerText.startsWith('Stopped')")  # says so
     time.sleep(3)
-    assert not text(page, "#progress").startswith("Done"), "the run was not stopped"
+    assert text(page, "#progress").startswith("Stopped"), "the run was not stopped"
     # the app keeps working: a short run afterwards completes
     set_slider(page, "t-star", 100)
     set_slider(page, "steps", 10)
@@ -284,11 +327,11 @@ def test_cifar10_purifies_or_says_it_is_not_trained(page):
 def test_compare_ranks(page):
     page.click("#examples button[aria-label='Thumbnail 7 of 20']")  # the default "6"
     page.wait_for_function("document.querySelector('#true-label input').value === '6'")
-    page.click("button[role=tab]:has-text('Compare ranks')")
+    page.click("button[role=tab]:has-text('Compare purifiers')")
     page.click("#compare-btn")
     from tendiff.pipeline import Studio
     expected = Studio().available_purifiers("mnist")
-    page.wait_for_selector(f"#compare-status:has-text('{len(expected)} purifier(s) done')", timeout=180_000)
+    page.wait_for_selector(f"#compare-status:has-text('{len(expected)} of {len(expected)} purifier(s) done')", timeout=180_000)
     table = text(page, "#compare-table")
     for model in expected:
         assert model in table
@@ -298,22 +341,16 @@ def test_compare_ranks(page):
     shot(page, "06_compare_ranks")
 
 
-def choose_purifier(page, shown: str) -> None:
-    page.click("#model input")
-    page.click(f"[role=option]:has-text('{shown}')")
-    page.wait_for_function(f"document.querySelector('#model input').value.startsWith({shown!r})")
-
-
 def test_classical_purifier_runs_from_the_list(page):
     page.click("button[role=tab]:has-text('Purify')")
-    choose_purifier(page, "classical: median3")
-    page.click("#corruption label:has-text('Salt and pepper')")
+    choose(page, "model", "classical: median3")
+    choose(page, "corruption", "Salt and pepper")
     seconds, seen = run_purify(page)
     assert "one pass of the classical median3 filter" in seen[-1], seen
     page.wait_for_selector("#pred-purified .output-class, #pred-purified [data-testid=label-output-value]")
     shot(page, "10_classical_median")
-    choose_purifier(page, "tt-r2")
-    page.click("#corruption label:has-text('Gaussian')")
+    choose(page, "model", "tt-r2")
+    choose(page, "corruption", "Gaussian")
 
 
 def test_learn_view(page):

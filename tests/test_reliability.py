@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from tendiff.pipeline import prepare_image
+from tendiff.inputs import prepare_image
 
 ASSETS = ROOT / "assets"
 
