@@ -21,7 +21,8 @@ Every main action is a named endpoint, usable from Python with ``gradio_client``
     job = client.submit("mnist", img, "7", "gaussian", 0.3, 0.1, 0.2, 10, 1, 2, 0,
                         "tt-r2", 100, "ddim", 10, api_name="/purify")
     final = job.result()      # x_t, purified, progress, corrupted, 3 x top-3, plot, strip, GIF,
-                              # perturbation, its sizes (L-inf, L2, PSNR, SSIM), the run as a ZIP
+                              # perturbation, its sizes (L-inf, L2, PSNR, SSIM), the run as a ZIP,
+                              # the spread over 8 purifications (text, picture)
     frames = job.outputs()    # every streamed update
     # compare every purifier: (gallery, table, status, table as CSV)
     gallery, table, status, csv = client.predict("mnist", img, "7", "gaussian", 0.3, 0.1, 0.2, 10, 1, 2, 0,
@@ -31,7 +32,8 @@ The inputs of /corrupt, /purify and /compare are, in order: dataset, image, true
 name, or "unknown"), corruption (none, gaussian, salt_pepper, pgd_linf, adaptive), sigma, p, eps,
 attack steps, EOT samples, surrogate DDIM steps, seed, model (dense, tt-r1..tt-r16, ttm-r1..ttm-r4,
 authors-r3, or a classical filter), t*, and for /purify and /compare the method (ddpm, ddim,
-one-step), the number of steps and whether t* is chosen from the input (adaptive_t).
+one-step), the number of steps, whether t* is chosen from the input (adaptive_t) and how many
+purifications make the spread (runs; the final update of /purify ends with the spread's text and picture).
 ``client.view_api()`` lists every endpoint with its parameters and named outputs.
 """
 from __future__ import annotations
@@ -55,7 +57,7 @@ import pandas as pd
 import torch
 
 from render import (display_scale, gif_bytes, layer_figure, params_figure, perturbation_image, run_zip,
-                    schedule_figure, strip_image, to_pil)
+                    runs_image, schedule_figure, strip_image, to_pil)
 from tendiff import anatomy
 from tendiff.checkpoints import CheckpointIntegrityError, CheckpointNotFoundError, checkpoint_name
 from tendiff.classical import CLASSICAL
@@ -86,6 +88,7 @@ FRAME_INTERVAL = float(os.environ.get("TENDIFF_FRAME_INTERVAL", "0.1"))  # secon
 # Frames that compute faster than the eye are paced FRAME_INTERVAL apart, but never by more than
 # STREAM_BUDGET seconds in all: pacing must not delay the final result (docs/performance.md, 'Why the code is shaped this way').
 STREAM_BUDGET = float(os.environ.get("TENDIFF_STREAM_BUDGET", "0.25"))
+DEFAULT_RUNS = 8  # purifications per input for the spread: one run alone is an anecdote
 TRAINED_T = TrainConfig.t_max  # the purifiers never saw a deeper t
 KNOWN, GUESSED = "true-class confidence", "confidence in the clean input's predicted class"  # what is tracked
 RMSE = "RMSE to the clean image"
@@ -131,6 +134,8 @@ class RunView(NamedTuple):
     perturbation: Any
     attack_sizes: Any
     run_zip: Any
+    spread: Any
+    spread_image: Any
 
 
 class CorruptView(NamedTuple):
@@ -461,8 +466,33 @@ def _summary(result, cached: bool) -> str:
             + (f"  \n{result.t_star_note}" if result.t_star_note else ""))
 
 
-def _final_view(dataset, x, y, corrupted, request, spec, result, cached, clean_probs, corrupted_probs) -> RunView:
-    """The last update of a run: every picture, number and file of it."""
+def spread_text(dataset, spread, known: bool) -> str:
+    """One paragraph: how several purifications of the same input ended."""
+    names = CLASS_NAMES[dataset]
+    if spread.deterministic:
+        return "A classical filter is deterministic: every run gives the same result."
+    what = f"true class {names[spread.tracked]}" if known else f"clean input's predicted class {names[spread.tracked]}"
+    conf = torch.tensor(spread.confidences)
+    return (f"**{spread.n} purifications** of the same corrupted input, fresh noise each ({spread.seconds:.2f} s): "
+            f"read as the {what} in **{spread.agree}/{spread.n}**; its confidence {spread.mean:.2f} ± {spread.std:.2f} "
+            f"(lowest {float(conf.min()):.2f}); majority vote **{names[spread.vote]}** ({spread.vote_share:.0%} of the "
+            "votes). One run is one draw of the purifier's noise: trust the spread.")
+
+
+def _spread_view(dataset, x, y, request, spec, runs) -> dict:
+    if int(runs) <= 1:
+        return dict(spread="One purification run (set more runs under More settings to see the spread).",
+                    spread_image=None)
+    spread = studio.spread(dataset, x, y, request, spec, runs)
+    names = CLASS_NAMES[dataset]
+    captions = [f"{names[p]} {c:.0%}" for p, c in zip(spread.predictions, spread.confidences)]
+    return dict(spread=spread_text(dataset, spread, y is not None),
+                spread_image=png_file(runs_image(spread.images, captions, scale=max(2, 96 // x.shape[-1])), "runs"))
+
+
+def _final_view(dataset, x, y, corrupted, request, spec, result, cached, clean_probs, corrupted_probs,
+                runs=1) -> RunView:
+    """The last update of a run: every picture, number and file of it, and the spread over ``runs``."""
     measures = attack_measures(result)
     gif, archive = run_files(dataset, studio.run_key(dataset, x, y, request, spec), result, spec, y, measures)
     last = result.frames[-1]
@@ -472,13 +502,14 @@ def _final_view(dataset, x, y, corrupted, request, spec, result, cached, clean_p
         purified_top=label_dict(dataset, result.probs_purified), trajectory=_plot_frame(result.frames, y is not None),
         strip=png_file(strip_image(result.frames, scale=max(1, 84 // IMAGE_SHAPE[dataset][1])), "steps"), gif=gif,
         perturbation=png_file(perturbation_image(x, corrupted.tensor, display_scale(x, DISPLAY)), "perturbation"),
-        attack_sizes=attack_text(measures), run_zip=archive)
+        attack_sizes=attack_text(measures), run_zip=archive, **_spread_view(dataset, x, y, request, spec, runs))
 
 
 @user_errors
 def purify(dataset, image, true_label, corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star,
-           method, steps, adaptive_t=False):
-    """Corrupt then purify, streaming x_t and the predicted clean image at every reverse step (RunView updates)."""
+           method, steps, adaptive_t=False, runs=DEFAULT_RUNS):
+    """Corrupt then purify, streaming x_t and the predicted clean image at every reverse step, then
+    the spread over ``runs`` purifications (RunView updates)."""
     request, spec = _specs(corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps,
                            adaptive_t)
     y, request, spec = studio.validate_request(dataset, true_label, request, spec)
@@ -492,7 +523,8 @@ def purify(dataset, image, true_label, corruption, sigma, p, eps, attack_steps, 
     last, first = time.perf_counter(), True
     for frame, result, cached in studio.run_stream(dataset, x, y, request, spec):
         if result is not None:
-            yield _final_view(dataset, x, y, corrupted, request, spec, result, cached, clean_probs, corrupted_probs)
+            yield _final_view(dataset, x, y, corrupted, request, spec, result, cached, clean_probs, corrupted_probs,
+                              runs)
             return
         wait = interval - (time.perf_counter() - last)
         if wait > 0 and not first:  # (cached replays too: a replay streams like a run)
@@ -508,28 +540,44 @@ def purify(dataset, image, true_label, corruption, sigma, p, eps, attack_steps, 
         first = False
 
 
+def _compare_columns(tracked_name: str) -> list[str]:
+    return ["model", "prediction", "confidence", tracked_name, "runs right", "mean", "sd", "vote", "parameters",
+            "compression", "seconds"]
+
+
+def _compare_row(r, names) -> list:
+    """One row of the comparison table; the spread columns empty when one run was made."""
+    s = r.spread
+    spread = ([f"{s.agree}/{s.n}", round(s.mean, 3), round(s.std, 3), f"{names[s.vote]} ({s.vote_share:.0%})"]
+              if s is not None else [None] * 4)
+    return ([r.model, r.prediction, round(r.confidence, 3), round(r.true_confidence, 3)] + spread
+            + [r.parameters, round(r.compression, 2) if r.parameters else None, round(r.seconds, 3)])
+
+
 @user_errors
 def compare(dataset, image, true_label, corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star,
-            method, steps, adaptive_t=False):
-    """The same input, corruption and seed through every available purifier (CompareView updates)."""
+            method, steps, adaptive_t=False, runs=DEFAULT_RUNS):
+    """The same input, corruption and seed through every available purifier, each also ``runs``
+    times for its spread (CompareView updates)."""
     request, spec = _specs(corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps,
                            adaptive_t)
     x = _input(dataset, image).tensor
     known = check_label(dataset, true_label) is not None
-    columns = ["model", "prediction", "confidence", tracked(known), "parameters", "compression", "seconds"]
+    columns = _compare_columns(tracked(known))
     models = studio.available_purifiers(dataset)  # fixed now: a checkpoint added meanwhile joins the next run
-    for rows in studio.compare(dataset, x, true_label, request, spec, models=models):
+    for rows in studio.compare(dataset, x, true_label, request, spec, models=models, runs=runs):
         gallery, table = [], []
         for r in rows:
             if not r.available:
-                table.append([r.model, r.note, None, None, None, None, None])
+                table.append([r.model, r.note] + [None] * (len(columns) - 2))
                 continue
             size = "classical" if not r.parameters else f"{r.compression:.0f}x"
             gallery.append((show(r.image, r.model), f"{r.model}: {r.prediction} ({r.confidence:.0%}), {size}"))
-            table.append([r.model, r.prediction, round(r.confidence, 3), round(r.true_confidence, 3), r.parameters,
-                          round(r.compression, 2) if r.parameters else None, round(r.seconds, 3)])
+            table.append(_compare_row(r, CLASS_NAMES[dataset]))
         status = (f"{len(rows)} of {len(models)} purifier(s) done; the same corrupted input and seed {spec.seed} "
-                  "for every one. One image and one seed: an anecdote — the 1000-image numbers are in docs/results.md.")
+                  f"for every one, each purified once for the picture and {runs} time(s) for the spread ('runs "
+                  "right' of the tracked class, its mean confidence and sd, the majority vote). One image is still "
+                  "an anecdote: the 1000-image numbers are in docs/results.md.")
         frame = pd.DataFrame(table, columns=columns)
         last = len(rows) == len(models)  # the final update carries the table as a CSV file
         yield CompareView(gallery, frame, status,
@@ -575,7 +623,8 @@ def learn_layer(dataset, model, layer=None) -> LayerView:
             f"{layers['dense_parameters']:,} dense weights; TT cores: {_formula(layers)} weights, "
             f"{layers['dense_parameters'] / layers['tt_parameters']:.1f}x fewer.  \n" + err)
     return LayerView(gr.update(choices=model_choices(available), value=model),
-                     gr.update(choices=anatomy.layer_names(net), value=layers["layer"]), layer_figure(layers), text)
+                     gr.update(choices=anatomy.layer_names(net), value=layers["layer"]),
+                     png_file(layer_figure(layers), "cores"), text)
 
 
 def learn_models(dataset) -> LayerView:
@@ -604,7 +653,8 @@ def learn_params(dataset, rank):
             f"{b * b}·{r} = **{ttm:,}** ({dense / ttm:.0f}x fewer; O(N R²))  \n"
             f"- authors' layout: O·I·R + 3R² + 3R = {c * c}·{r} + 3·{r * r} + 3·{r} = **{au:,}** "
             f"({dense / au:.1f}x fewer; still quadratic in the channels)")
-    return text, params_figure(anatomy.parameter_table(dataset, range(1, MAX_RANK + 1)), r, PAPER_MAX_RANK)
+    figure = params_figure(anatomy.parameter_table(dataset, range(1, MAX_RANK + 1)), r, PAPER_MAX_RANK)
+    return text, png_file(figure, "parameters")
 
 
 def learn_schedule(t_star):
@@ -614,7 +664,7 @@ def learn_schedule(t_star):
         t_star = int(t_star)
     except (TypeError, ValueError):
         t_star = None
-    return schedule_figure(stds, t_star, trained_to=TRAINED_T), noise_text(t_star)
+    return png_file(schedule_figure(stds, t_star, trained_to=TRAINED_T), "schedule"), noise_text(t_star)
 
 
 @user_errors
@@ -767,6 +817,8 @@ def settings_panel(ui) -> None:
                                           label="Reverse steps (one-step ignores this)", elem_id="steps"))
         ui.seed = named_errors(gr.Number(0, precision=0, minimum=0, label="Seed (noise, attack start, purification)",
                                          elem_id="seed"))
+        ui.runs = named_errors(gr.Slider(1, limits.max_runs, DEFAULT_RUNS, step=1, elem_id="runs",
+                                         label="Purification runs for the spread (one batch; 1 = the shown run only)"))
         ui.corrupt_btn = gr.Button("Corrupt only (no purification)", elem_id="corrupt-btn", size="sm")
 
 
@@ -774,15 +826,16 @@ def result_panel(ui) -> None:
     """The result beside the settings: corrupted, x_t, purified, and the three predictions."""
     with gr.Row():
         picture = dict(format="png", interactive=False, height=175, min_width=100, elem_classes=["captioned"])
-        ui.corrupted = gr.Image(label="Corrupted image", elem_id="corrupted", **picture)
-        ui.x_t = gr.Image(label="x_t (diffused)", elem_id="x-t", **picture)
-        ui.purified = gr.Image(label="Purified image", elem_id="pred-x0", **picture)
+        ui.corrupted = gr.Image(label="Corrupted", elem_id="corrupted", **picture)
+        ui.x_t = gr.Image(label="Diffused x_t", elem_id="x-t", **picture)
+        ui.purified = gr.Image(label="Purified", elem_id="pred-x0", **picture)
     ui.progress = gr.Markdown(elem_id="progress", label="progress")
     with gr.Row():
         top3 = dict(num_top_classes=3, min_width=110)
-        ui.clean_top = gr.Label(label="Clean", elem_id="pred-clean", **top3)
-        ui.corrupted_top = gr.Label(label="Corrupted", elem_id="pred-corrupted", **top3)
-        ui.purified_top = gr.Label(label="Purified", elem_id="pred-purified", **top3)
+        ui.clean_top = gr.Label(label="Clean: top 3", elem_id="pred-clean", **top3)
+        ui.corrupted_top = gr.Label(label="Corrupted: top 3", elem_id="pred-corrupted", **top3)
+        ui.purified_top = gr.Label(label="Purified: top 3", elem_id="pred-purified", **top3)
+    ui.spread = gr.Markdown(elem_id="spread", label="spread over runs")
     ui.seen = gr.Image(label="What the model sees", format="png", interactive=False, height=150,
                        elem_id="model-view", elem_classes=["captioned"])
     ui.seen_msg = gr.Markdown(elem_id="prepare-message", label="model input")
@@ -801,6 +854,8 @@ def details_panel(ui) -> None:
                                    scale=1, min_width=180, elem_id="perturbation")
     ui.strip = gr.Image(label="Steps: x_t (top), predicted clean image (bottom)", format="png", interactive=False,
                         height=220, elem_id="strip")
+    ui.spread_image = gr.Image(label="The same input purified again and again (fresh noise): each run's prediction",
+                               format="png", interactive=False, height=220, elem_id="spread-image")
     ui.attack_sizes = gr.Markdown(elem_id="attack-line", label="perturbation sizes")
     with gr.Row():
         ui.gif = gr.File(label="GIF of the run", height=90, elem_id="gif")
@@ -810,7 +865,7 @@ def details_panel(ui) -> None:
 
 def purify_tab(ui) -> None:
     ui.examples = gr.Gallery(value=examples(DEFAULT_DATASET), label="Examples (click one): two per class", columns=20,
-                             height=90, object_fit="contain", allow_preview=False, format="png", elem_id="examples",
+                             height=128, object_fit="contain", allow_preview=False, format="png", elem_id="examples",
                              elem_classes=["pixelated", "captioned"])
     with gr.Row(equal_height=False):
         with gr.Column(scale=4, min_width=260):
@@ -846,14 +901,15 @@ def learn_tab(ui) -> None:
                                      value=DEFAULT_MODEL if DEFAULT_MODEL in tt_models else None)
         ui.learn_layer = gr.Dropdown([], label="Layer", allow_custom_value=True)
         ui.learn_btn = gr.Button("Show cores", elem_id="learn-btn")
-    ui.layer_plot = gr.Plot(label="Cores and kernels", elem_id="layer-plot")
+    ui.layer_plot = gr.Image(label="Cores and kernels", format="png", interactive=False, elem_id="layer-plot")
     ui.layer_text = gr.Markdown(label="layer")
     gr.Markdown("### Parameters as the rank changes")
     ui.rank = named_errors(gr.Slider(1, MAX_RANK, 2, step=1, label="Rank R"))
     ui.params_text = gr.Markdown(label="formula")
-    ui.params_plot = gr.Plot(label="Whole U-Net parameters by layout and rank", elem_id="params-plot")
+    ui.params_plot = gr.Image(label="Whole U-Net parameters by layout and rank", format="png", interactive=False,
+                              elem_id="params-plot")
     gr.Markdown("### Noise std over t")
-    ui.schedule_plot = gr.Plot(label="Noise schedule", elem_id="schedule-plot")
+    ui.schedule_plot = gr.Image(label="Noise schedule", format="png", interactive=False, elem_id="schedule-plot")
     ui.schedule_text = gr.Markdown(elem_id="schedule-text", label="t*")
     gr.Markdown("### The guidance lesson\nThe authors guide the purifier with the label. Compare the input purified "
                 "by a class-conditional purifier with no label, the true label and a wrong label (uses the Purify "
@@ -903,7 +959,7 @@ def run_inputs(ui) -> list:
 def wire_runs(ui, demo) -> list:
     """Corrupt, purify (also once on load: the first visit shows a result) and compare; returns the events."""
     heavy = dict(concurrency_id="heavy", concurrency_limit=HEAVY_CONCURRENCY, time_limit=600)
-    inputs = run_inputs(ui) + [ui.method, ui.steps, ui.adaptive_t]
+    inputs = run_inputs(ui) + [ui.method, ui.steps, ui.adaptive_t, ui.runs]
     corrupt_outputs = outputs(ui, CorruptView)
     ui.corrupt_btn.click(lambda: (None,) * len(RunView._fields), None, outputs(ui, RunView), api_visibility="private",
                          queue=False)

@@ -3,8 +3,10 @@ perturbation made visible, a run's ZIP archive and the Learn tab's core figure. 
 tensors and frames (no Gradio)."""
 from __future__ import annotations
 
+import functools
 import io
 import json
+import threading
 import zipfile
 from typing import Sequence
 
@@ -62,6 +64,24 @@ def strip_image(frames: Sequence[Frame], max_frames: int = 11, scale: int = 3) -
     return canvas
 
 
+def runs_image(images: torch.Tensor, captions: Sequence[str], scale: int = 3, columns: int = 8) -> Image.Image:
+    """Several purifications of one input in a grid, each captioned (e.g. with its prediction)."""
+    from PIL import ImageDraw
+
+    tiles = [to_pil(img, scale).convert("RGB") for img in images]
+    w, h = tiles[0].size
+    gap, text_h = 2 * scale, 14
+    rows = (len(tiles) + columns - 1) // columns
+    cols = min(columns, len(tiles))
+    canvas = Image.new("RGB", (cols * (w + gap) - gap, rows * (h + text_h + gap) - gap), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for k, (tile, caption) in enumerate(zip(tiles, captions)):
+        x, y = (k % columns) * (w + gap), (k // columns) * (h + text_h + gap)
+        canvas.paste(tile, (x, y))
+        draw.text((x + 2, y + h + 1), caption[: max(4, w // 6)], fill=(0, 0, 0))
+    return canvas
+
+
 def perturbation_image(clean: torch.Tensor, corrupted: torch.Tensor, scale: int = 1) -> Image.Image:
     """The perturbation delta = corrupted - clean made visible: 0.5 + delta / (2 max|delta|), so
     mid-gray is no change, white the largest increase, black the largest decrease (all mid-gray
@@ -106,10 +126,30 @@ def run_zip(result: RunResult, record: dict, gif: bytes | None = None, scale: in
     return buf.getvalue()
 
 
+_MATPLOTLIB = threading.Lock()  # matplotlib, its mathtext parser too, is not thread-safe; the app draws from many
+
+
+def rendered(draw):
+    """Run a figure-drawing function under one lock and return its figure as a PIL image (PNG)."""
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs) -> Image.Image:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with _MATPLOTLIB:
+            fig = draw(*args, **kwargs)
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=100)
+            plt.close(fig)
+        buf.seek(0)
+        return Image.open(buf)
+    return wrapper
+
+
+@rendered
 def layer_figure(view: dict):
     """A TT layer's cores (top row) and the kernel they rebuild beside the dense model's (bottom row)."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cores = view["cores"]
@@ -145,15 +185,13 @@ def layer_figure(view: dict):
     fig.suptitle(f"{view['layer']} ({view['layout']} layout, ranks {view['ranks']}); kernels: first 8 out x 8 in "
                  "channels, each a 3x3 tile", fontsize=12)
     fig.tight_layout()
-    plt.close(fig)
     return fig
 
 
+@rendered
 def params_figure(rows: Sequence[dict], rank: int | None = None, paper_max_rank: int = 4):
     """Whole-U-Net parameters against the rank for each layout (log scale), the dense count as a
     line, the chosen rank marked and the paper's R <= range shaded."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ranks = [row["rank"] for row in rows]
@@ -176,14 +214,12 @@ def params_figure(rows: Sequence[dict], rank: int | None = None, paper_max_rank:
     ax.set_xlabel("rank R"), ax.set_ylabel("parameters (log scale)")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    plt.close(fig)
     return fig
 
 
+@rendered
 def schedule_figure(stds: Sequence[float], t_star: int | None = None, trained_to: int = 400):
     """The diffusion noise std at t = 1..T (log scale), t* marked, the steps beyond training shaded."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t = np.arange(1, len(stds) + 1)
@@ -199,5 +235,4 @@ def schedule_figure(stds: Sequence[float], t_star: int | None = None, trained_to
     ax.set_xlabel("t"), ax.set_ylabel("noise std (pixel units)")
     ax.set_title("Diffusing to t adds this much Gaussian noise", fontsize=10)
     fig.tight_layout()
-    plt.close(fig)
     return fig

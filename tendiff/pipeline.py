@@ -32,7 +32,8 @@ from .checkpoints import CheckpointNotFoundError, checkpoint_name, load_model, m
 from .classifiers import predict
 from .data import CLASS_NAMES, DATASETS, check_dataset
 from .inputs import UploadLimits, image_hash, quantize
-from .diffusion import METHODS, GaussianDiffusion, purify
+from .defense import vote
+from .diffusion import METHODS, GaussianDiffusion, purify, purify_batch
 from .metrics import psnr, ssim
 from .classical import CLASSICAL, available as classical_available, estimate_noise, purify as classical_purify
 from .protocol import ADAPTIVE_T_STAR, CORRUPTIONS, DATASET_TITLES, PURIFIERS, T_STAR, corrupt, parse_model_label
@@ -56,6 +57,7 @@ class Limits:
     max_adaptive_steps: int = 10  # PGD iterations of the adaptive attack
     max_eot: int = 4
     max_surrogate_steps: int = 4
+    max_runs: int = 16  # purifications of one input for its spread (one batch)
     upload: UploadLimits = UploadLimits()
     max_seed: int = 2 ** 31 - 1
 
@@ -207,6 +209,37 @@ class RunResult:
 
 
 @dataclass
+class Spread:
+    """Several purifications of one corrupted input (fresh noise each): what one run cannot show."""
+    model: str
+    images: torch.Tensor  # (n, C, H, W) purified
+    predictions: list[int]  # the class each purification was read as
+    confidences: list[float]  # the tracked class's probability after each
+    tracked: int  # the true label, or the clean input's predicted class when unknown
+    vote: int  # the majority class (ties to the smaller index)
+    vote_share: float
+    seconds: float
+    deterministic: bool = False  # a classical filter: every run is the same
+
+    @property
+    def n(self) -> int:
+        return len(self.predictions)
+
+    @property
+    def mean(self) -> float:
+        return float(torch.tensor(self.confidences).mean())
+
+    @property
+    def std(self) -> float:
+        return float(torch.tensor(self.confidences).std(unbiased=False))
+
+    @property
+    def agree(self) -> int:
+        """How many runs ended on the tracked class."""
+        return sum(p == self.tracked for p in self.predictions)
+
+
+@dataclass
 class CompareRow:
     model: str
     available: bool
@@ -218,6 +251,7 @@ class CompareRow:
     compression: float = float("nan")
     seconds: float = float("nan")
     note: str = ""
+    spread: Spread | None = None  # when the comparison ran several purifications per purifier
 
 
 def topk(dataset: str, probs: torch.Tensor, k: int = 3) -> list[tuple[str, float]]:
@@ -538,10 +572,40 @@ class Studio:
             pass
         return result
 
+    def spread(self, dataset: str, x: torch.Tensor, y=None, corruption: CorruptionSpec = CorruptionSpec(),
+               spec: PurifySpec = PurifySpec(), runs: int = 8) -> Spread:
+        """Purify the corrupted input of this request ``runs`` times with fresh noise (one batch,
+        seeded by ``spec.seed``): each run's prediction and tracked-class confidence, and the
+        majority vote. The corrupted input is the same as the request's run (same seed)."""
+        y, corruption, spec = self.validate_request(dataset, y, corruption, spec)
+        runs = check_int("purification runs", runs, 1, self.limits.max_runs)
+        key = ("spread", runs, self.run_key(dataset, x, y, corruption, spec))
+        return self._cached(key, lambda: self._spread(dataset, x, y, corruption, spec, runs))[0]
+
+    def _spread(self, dataset, x, y, corruption, spec, runs) -> Spread:
+        start = time.perf_counter()
+        corrupted = self.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star)
+        tracked = y if y is not None else int(self.probs(dataset, x).argmax())
+        batch = corrupted.tensor.expand(runs, -1, -1, -1).contiguous()
+        if spec.model in CLASSICAL:
+            purified = classical_purify(spec.model, batch)
+        else:
+            spec = self.resolve_t_star(spec, corrupted.tensor)[0]
+            with torch.inference_mode():
+                purified = purify_batch(self.purifier(dataset, spec.model), self.diffusion, batch, spec.t_star,
+                                        num_steps=spec.steps, method=spec.method, seed=spec.seed)
+        probs = self.probs(dataset, purified)
+        predictions = probs.argmax(1)
+        label, share = vote(predictions[:, None], probs.shape[1])
+        return Spread(spec.model, purified, predictions.tolist(), probs[:, tracked].tolist(), tracked, int(label),
+                      float(share), time.perf_counter() - start, spec.model in CLASSICAL)
+
     def compare(self, dataset: str, x: torch.Tensor, y=None, corruption: CorruptionSpec = CorruptionSpec(),
-                spec: PurifySpec = PurifySpec(), models: Sequence[str] | None = None) -> Iterator[list[CompareRow]]:
+                spec: PurifySpec = PurifySpec(), models: Sequence[str] | None = None,
+                runs: int = 1) -> Iterator[list[CompareRow]]:
         """The same input, corruption and seed through each purifier (default: every available
-        one, diffusion then classical); yields the growing table.
+        one, diffusion then classical); yields the growing table. With ``runs`` > 1 each row also
+        carries the :meth:`spread` of that many purifications.
 
         Adaptive corruptions are computed once, against ``spec.model``, and shared by every row.
         """
@@ -562,6 +626,8 @@ class Studio:
             mspec = replace(spec, model=m)
             key = ("compare", self.run_key(dataset, x, y, corruption, mspec))
             row, _ = self._cached(key, lambda: self._compare_row(dataset, corrupted.tensor, mspec, tracked, dense_params))
+            if runs > 1:
+                row = replace(row, spread=self.spread(dataset, x, y, corruption, mspec, runs))
             rows.append(row)
             yield list(rows)
 

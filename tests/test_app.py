@@ -232,6 +232,29 @@ def test_pipeline_streams_every_step_and_caches():
 
 
 @needs_mnist
+def test_spread_purifies_one_input_many_times_and_votes():
+    studio = Studio()
+    x = prepare_image(ASSETS / "mnist_7_0.png", "mnist").tensor
+    noisy, spec = CorruptionSpec("gaussian", sigma=0.4), PurifySpec("dense", t_star=300, steps=5, seed=3)
+    eight = studio.spread("mnist", x, 7, noisy, spec, runs=8)
+    assert eight.n == 8 and eight.images.shape == (8, 1, 28, 28) and eight.tracked == 7
+    assert len(set(map(tuple, eight.images.flatten(1).tolist()))) == 8  # fresh noise: eight different images
+    assert eight.agree == eight.predictions.count(7) and 0 <= eight.std <= 0.5
+    votes = [eight.predictions.count(c) for c in range(10)]
+    assert eight.vote == votes.index(max(votes)) and eight.vote_share == max(votes) / 8
+    four = studio.spread("mnist", x, 7, noisy, spec, runs=4)  # the runs nest: 4 are the first of 8
+    assert four.predictions == eight.predictions[:4]
+    assert studio.spread("mnist", x, 7, noisy, spec, runs=8) is eight  # cached
+    unknown = studio.spread("mnist", x, None, noisy, spec, runs=2)
+    assert unknown.tracked == int(studio.probs("mnist", x).argmax())
+    median = studio.spread("mnist", x, 7, CorruptionSpec("salt_pepper", p=0.2), PurifySpec("median3"), runs=3)
+    assert median.deterministic and median.std < 1e-6 and len(set(median.predictions)) == 1
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="purification runs"):
+            studio.spread("mnist", x, 7, noisy, spec, runs=bad)
+
+
+@needs_mnist
 def test_classical_purifier_runs_as_one_final_frame():
     studio = Studio()
     x = prepare_image(ASSETS / "mnist_7_0.png", "mnist").tensor
@@ -396,7 +419,8 @@ def test_purify_streams_one_update_per_step(client, method, steps, frames):
         outputs = job.outputs()
         assert len(outputs) == frames, (repeat, [o[2] for o in outputs])
         assert [o[2].split(" ·")[0] for o in outputs[:-1]] == [f"Step {i}/{frames - 1}" for i in range(frames - 1)]
-        x_t, x0, summary, corrupted, clean, attacked, purified, plot, strip, gif, delta, sizes, archive = final
+        (x_t, x0, summary, corrupted, clean, attacked, purified, plot, strip, gif, delta, sizes, archive,
+         spread, spread_image) = final
         assert summary.startswith("Done") and ("cached" in summary) == (repeat == 1)
         assert image_size(x_t) == image_size(x0) == image_size(corrupted) == (224, 224)
         for lab in (clean, attacked, purified):
@@ -407,6 +431,9 @@ def test_purify_streams_one_update_per_step(client, method, steps, frames):
             assert im.n_frames == frames
         assert image_size(delta) == (224, 224) and "L∞ **" in sizes and "PSNR" in sizes
         assert Path(archive).name.endswith(".zip")
+        if method != "one-step":  # 8 runs by default: their agreement, confidence spread and vote
+            assert re.search(r"\*\*8 purifications\*\*.* in \*\*\d/8\*\*.*majority vote", spread), spread
+            assert image_size(spread_image)[0] > image_size(spread_image)[1]  # a row of 8
 
 
 @pytest.mark.slow
@@ -462,9 +489,13 @@ def test_compare_endpoint(client):
     expected = Studio().available_purifiers("mnist")
     assert [row[0] for row in table["data"]] == expected and any(m in CLASSICAL for m in expected)
     assert len(gallery) == len(expected) >= 2
-    for row in table["data"]:
-        assert 0 <= row[2] <= 1 and row[6] > 0
-        assert (row[4] == 0) if row[0] in CLASSICAL else (row[4] > 0 and row[5] > 0)
+    for values in table["data"]:
+        row = dict(zip(table["headers"], values))
+        assert 0 <= row["confidence"] <= 1 and row["seconds"] > 0
+        assert (row["parameters"] == 0) if row["model"] in CLASSICAL else (row["parameters"] > 0 and row["compression"] > 0)
+        runs_right, n = map(int, row["runs right"].split("/"))  # 8 runs each by default
+        assert n == 8 and 0 <= runs_right <= 8 and 0 <= row["mean"] <= 1 and row["sd"] >= 0
+        assert row["sd"] == 0 if row["model"] in CLASSICAL else True  # a filter is deterministic
     assert f"{len(expected)} purifier(s) done" in status
     import pandas as pd
     saved = pd.read_csv(csv)
@@ -510,3 +541,18 @@ def test_the_documented_api_example_runs(client):
     assert scope["final"][2].startswith("Done") and len(scope["frames"]) == 11
     assert len(scope["table"]["data"]) == len(Studio().available_purifiers("mnist"))
     assert "sees only the classifier" in scope["threat"]
+
+
+def test_figures_draw_safely_from_many_threads():
+    """The app draws the Learn tab's figures from Gradio's worker threads at once (on page load);
+    matplotlib is not thread-safe (its mathtext parser failed on log axes drawn concurrently)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from render import params_figure, schedule_figure
+    from tendiff.anatomy import parameter_table
+    rows = parameter_table("mnist", range(1, 9))
+    stds = [0.01 * 1.005 ** t for t in range(1000)]
+    jobs = [lambda r=r: params_figure(rows, r) for r in range(1, 9)] + [lambda t=t: schedule_figure(stds, t)
+                                                                         for t in range(100, 900, 100)]
+    with ThreadPoolExecutor(8) as pool:
+        images = list(pool.map(lambda job: job(), jobs * 3))
+    assert all(img.size[0] > 300 and img.size[1] > 200 for img in images)
