@@ -42,6 +42,7 @@ import functools
 import hashlib
 import inspect
 import io
+import json
 import os
 import shutil
 import socket
@@ -56,13 +57,14 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from render import (display_scale, gif_bytes, layer_figure, params_figure, perturbation_image, run_zip,
-                    runs_image, schedule_figure, strip_image, to_pil)
+from render import (display_scale, evidence_figure, gif_bytes, layer_figure, params_figure, perturbation_image,
+                    run_zip, runs_image, schedule_figure, strip_image, t_star_figure, to_pil)
 from tendiff import anatomy
 from tendiff.checkpoints import CheckpointIntegrityError, CheckpointNotFoundError, checkpoint_name
 from tendiff.classical import CLASSICAL
 from tendiff.data import CLASS_NAMES, DATASETS, IMAGE_SHAPE
 from tendiff.diffusion import METHODS
+from tendiff.evaluate import read_results
 from tendiff.inputs import CENTRING, drawn_image, prepare_image
 from tendiff.pipeline import (APP_CORRUPTIONS, DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_STEPS, DEFAULT_T_STAR,
                               CorruptionSpec, PurifySpec, Studio, attack_measures, check_dataset, check_label,
@@ -92,6 +94,10 @@ DEFAULT_RUNS = 8  # purifications per input for the spread: one run alone is an 
 TRAINED_T = TrainConfig.t_max  # the purifiers never saw a deeper t
 KNOWN, GUESSED = "true-class confidence", "confidence in the clean input's predicted class"  # what is tracked
 RMSE = "RMSE to the clean image"
+# The committed measurements the app shows beside a single run (written by tendiff.evaluate and
+# scripts/sweep_t_star.py; read once: they change only with a commit).
+MEASURED = (ROOT / "docs" / "results.json", ROOT / "docs" / "classical" / "results.json")
+T_STAR_SWEEP = ROOT / "docs" / "t_star.json"
 CSS = """
 .pixelated img, img.pixelated, .gallery img, #input-image img { image-rendering: pixelated; }
 #input-image img { width: 100% !important; height: 100% !important; object-fit: contain; }
@@ -171,6 +177,13 @@ class DatasetView(NamedTuple):
     eps: Any
     t_star: Any
     draw_box: Any
+
+
+class EvidenceView(NamedTuple):
+    evidence_plot: Any
+    t_star_plot: Any
+    evidence_text: Any
+    evidence_line: Any
 
 
 class KindView(NamedTuple):
@@ -700,6 +713,91 @@ def guidance_text(out: dict) -> str:
     return "\n".join(lines) + f"\n\n{verdict} Without a label (a fair defense) it was read as **{free[0][0]}**."
 
 
+@functools.cache
+def measured(dataset: str) -> tuple[dict, ...]:
+    """The dataset's committed evaluations: diffusion purifiers first, then classical filters."""
+    return tuple(r for path in MEASURED if path.exists() for r in read_results(path) if r["config"]["dataset"] == dataset)
+
+
+@functools.cache
+def swept(dataset: str) -> tuple[dict, ...]:
+    """The dataset's rows of the committed t* sweep."""
+    rows = json.loads(T_STAR_SWEEP.read_text())["rows"] if T_STAR_SWEEP.exists() else []
+    return tuple(r for r in rows if r["dataset"] == dataset)
+
+
+def _measured_cells(dataset: str, corruption: str) -> tuple[list[dict], list[dict], dict | None]:
+    """(diffusion points, lines for no purifier and classical filters, the evaluation's config) of
+    one corruption; each purifier from the first file that measured it. A point says whether it
+    was measured with the weights now committed (``current``: True, False, or None when unknown)."""
+    points, lines, seen, config = [], [], set(), None
+    shas = {name: e.get("sha256") for name, e in studio.manifest_entries().items()}
+    for res in measured(dataset):
+        costs = {c["purifier"]: c for c in res["costs"]}
+        for cell in res["cells"]:
+            name = cell["purifier"]
+            if cell["corruption"] != corruption or name in seen or "/" in name:
+                continue
+            seen.add(name)
+            config = config or {**res["config"], "date": res.get("date", "?")}
+            cost = costs.get(name, {})
+            entry = {"name": name, "accuracy": cell["accuracy"], "ci95": cell["ci95"], "n": cell["n"],
+                     "date": res.get("date", "?"),
+                     # (no weights of its own: only the classifier's, which the campaign does not retrain)
+                     "current": True if not cost.get("parameters") else
+                     (cost["sha256"] == shas.get(cost["file"])) if "sha256" in cost else None}
+            if cost.get("parameters"):
+                points.append({**entry, "parameters": cost["parameters"]})
+            else:
+                lines.append(entry)
+    return points, lines, config
+
+
+def _best_classical(lines: list[dict]) -> dict | None:
+    classical = [r for r in lines if r["name"] in CLASSICAL]
+    return max(classical, key=lambda r: r["accuracy"]) if classical else None
+
+
+def evidence_text(dataset: str, corruption: str, model: str) -> str:
+    """One line: what the committed evaluation measured for this purifier and corruption."""
+    points, lines, config = _measured_cells(dataset, corruption)
+    rows = {r["name"]: r for r in points + lines}
+    if model not in rows:
+        return (f"No committed measurement of {model} on {CORRUPTIONS[corruption].short} for "
+                f"{DATASET_TITLES[dataset]} yet (docs/results.md).")
+    mine = rows[model]
+    best = _best_classical(lines)
+    strength = config.get("strength", {}).get(corruption)
+    fresh = {True: "", None: f" (measured {mine['date']}, possibly with earlier weights)",
+             False: f" (measured {mine['date']} with earlier weights: re-run tendiff.evaluate)"}[mine["current"]]
+    at = f" ({CORRUPTIONS[corruption].short} at {strength:g})" if strength else ""
+    return (f"**On {mine['n']} test images**{at}: **{model} "
+            f"{100 * mine['accuracy']:.1f}%** (95% CI {100 * mine['ci95'][0]:.1f}–{100 * mine['ci95'][1]:.1f})"
+            + (f" · no purifier {100 * rows['none']['accuracy']:.1f}%" if "none" in rows else "")
+            + (f" · best classical {best['name']} {100 * best['accuracy']:.1f}%" if best else "") + fresh
+            + ". Details: Compare tab, docs/results.md.")
+
+
+def evidence(dataset, corruption, model, t_star):
+    """The committed measurements around the current choice: accuracy against parameters and
+    against t*, the chosen purifier marked, and the line for the Purify tab."""
+    check_dataset(dataset)
+    points, lines, config = _measured_cells(dataset, corruption)
+    title = CORRUPTIONS[corruption].short
+    best = _best_classical(lines)
+    lines = [r for r in lines if r["name"] in ("none", model) or r is best]  # a readable few
+    params = (png_file(evidence_figure(points, lines, model, f"{DATASET_TITLES[dataset]}, {title}: accuracy on "
+                                       f"{config['n']} test images, measured {config['date']}"), "evidence")
+              if config else None)
+    rows = [r for r in swept(dataset) if corruption in r["accuracy"]]
+    sweep = (png_file(t_star_figure(rows, corruption, model, int(t_star), f"{DATASET_TITLES[dataset]}, {title}: "
+                                    f"accuracy against t* on {rows[0]['n']} held-out images"), "t_star")
+             if rows else None)
+    text = evidence_text(dataset, corruption, model)
+    return EvidenceView(params, sweep, text + ("" if rows else "  \nNo t* sweep committed for this dataset yet "
+                                               "(scripts/sweep_t_star.py --out docs/t_star.json)."), text)
+
+
 def dataset_changed(dataset) -> DatasetView:
     check_dataset(dataset)
     ex = examples(dataset)
@@ -836,6 +934,7 @@ def result_panel(ui) -> None:
         ui.corrupted_top = gr.Label(label="Corrupted: top 3", elem_id="pred-corrupted", **top3)
         ui.purified_top = gr.Label(label="Purified: top 3", elem_id="pred-purified", **top3)
     ui.spread = gr.Markdown(elem_id="spread", label="spread over runs")
+    ui.evidence_line = gr.Markdown(elem_id="evidence-line", label="measured")
     ui.seen = gr.Image(label="What the model sees", format="png", interactive=False, height=150,
                        elem_id="model-view", elem_classes=["captioned"])
     ui.seen_msg = gr.Markdown(elem_id="prepare-message", label="model input")
@@ -878,6 +977,15 @@ def purify_tab(ui) -> None:
 
 
 def compare_tab(ui) -> None:
+    gr.Markdown("### What the committed evaluation measured\nFor the dataset, corruption and purifier chosen on the "
+                "Purify tab (marked in red): accuracy on 1000 test images against each purifier's size, and "
+                "against t* on held-out images.")
+    with gr.Row():
+        ui.evidence_plot = gr.Image(label="Accuracy against parameters", format="png", interactive=False,
+                                    elem_id="evidence-plot")
+        ui.t_star_plot = gr.Image(label="Accuracy against t*", format="png", interactive=False, elem_id="t-star-plot")
+    ui.evidence_text = gr.Markdown(elem_id="evidence-text", label="measured")
+    gr.Markdown("### This input through every purifier")
     gr.Markdown("Runs the input, corruption, t*, sampler, steps and seed set on the Purify tab through every "
                 "purifier: dense, every TT rank and layout, and the classical filters. Compression is the dense "
                 "U-Net's parameter count over the model's; seconds are the measured purification time here.")
@@ -1001,6 +1109,17 @@ def wire_learn(ui, demo) -> list:
                                [ui.guide_gallery, ui.guide_text], api_name="guidance", **heavy)]
 
 
+def wire_evidence(ui, demo) -> None:
+    """The measured numbers follow the dataset, corruption, purifier and t* chosen."""
+    args = dict(fn=evidence, inputs=[ui.dataset, ui.kind, ui.model, ui.t_star], outputs=outputs(ui, EvidenceView),
+                api_visibility="private", concurrency_id="light", concurrency_limit=4)
+    demo.load(**args, api_name="initial_evidence")
+    ui.kind.input(**args, api_name="corruption_evidence")
+    ui.model.input(**args, api_name="model_evidence")
+    ui.t_star.release(**args, api_name="t_star_evidence")
+    ui.dataset.change(**args, api_name="dataset_evidence")
+
+
 def build_demo() -> gr.Blocks:
     ui = SimpleNamespace()
     with gr.Blocks(title="TendiffPure Studio", delete_cache=(3600, 3600)) as demo:
@@ -1016,6 +1135,7 @@ def build_demo() -> gr.Blocks:
                 gr.Markdown("Every main action is a named endpoint. With the app running:\n\n" + API_DOC)
         wire_input(ui)
         cancels = wire_runs(ui, demo) + wire_learn(ui, demo)
+        wire_evidence(ui, demo)
         for stop in (ui.stop_btn, ui.compare_stop):
             stop.click(None, cancels=cancels, api_visibility="private", queue=False).then(
                 stopped, None, ui.progress, api_visibility="private", queue=False)

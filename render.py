@@ -236,3 +236,68 @@ def schedule_figure(stds: Sequence[float], t_star: int | None = None, trained_to
     ax.set_title("Diffusing to t adds this much Gaussian noise", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+@rendered
+def evidence_figure(points: Sequence[dict], lines: Sequence[dict], current: str, title: str):
+    """Accuracy against purifier parameters (log): ``points`` (name, parameters, accuracy, ci95) for
+    the diffusion purifiers with 95% intervals, ``lines`` (name, accuracy) for those without
+    parameters (no purifier, a classical filter) as horizontal lines; ``current`` is marked."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for pt in points:
+        acc, (lo, hi) = 100 * pt["accuracy"], pt["ci95"]
+        mine = pt["name"] == current
+        ax.errorbar([pt["parameters"]], [acc], yerr=[[acc - 100 * lo], [100 * hi - acc]], fmt="o", capsize=2,
+                    color="#d62728" if mine else "#1f77b4", ms=8 if mine else 4)
+        ax.annotate(pt["name"], (pt["parameters"], acc), xytext=(4, 4), textcoords="offset points", fontsize=8,
+                    fontweight="bold" if mine else "normal")
+    for line in lines:
+        mine = line["name"] == current
+        style = "--" if line["name"] == "none" else ":"
+        ax.axhline(100 * line["accuracy"], ls=style, lw=2 if mine else 1, color="#d62728" if mine else "0.45")
+        ax.text(1.0, 100 * line["accuracy"], f" {line['name']} {100 * line['accuracy']:.1f}%", fontsize=8,
+                va="center", transform=ax.get_yaxis_transform(), color="#d62728" if mine else "0.3")
+    if points:
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1000:g}k"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.margins(x=0.15)
+    ax.set_xlabel("purifier parameters (log)"), ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@rendered
+def t_star_figure(rows: Sequence[dict], corruption: str, current: str, t_star: int | None, title: str):
+    """Accuracy against t* per purifier (``rows`` of docs/t_star.json for one dataset), ``current``
+    drawn bold, the chosen t* marked; adaptive-t* rows as points at their median t*."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    purifiers = sorted({r["purifier"] for r in rows if r["t_star"] is not None}, key=lambda p: p != current)
+    for k, name in enumerate(purifiers):
+        mine = name == current
+        pts = sorted((r["t_star"], 100 * r["accuracy"][corruption]) for r in rows
+                     if r["purifier"] == name and r["t_star"] is not None)
+        ax.plot(*zip(*pts), "o-", lw=2.5 if mine else 1, ms=5 if mine else 3, label=name,
+                color="#d62728" if mine else f"C{k}")
+        for r in rows:
+            if r["purifier"] == name and r.get("adaptive_factor") and r.get("median_t_star"):
+                ax.plot(r["median_t_star"][corruption], 100 * r["accuracy"][corruption], "*", ms=10,
+                        color="#d62728" if mine else f"C{k}")
+    for r in rows:
+        if r["purifier"] == "none":
+            ax.axhline(100 * r["accuracy"][corruption], ls="--", color="0.45", label="no purifier")
+    if t_star is not None:
+        ax.axvline(t_star, color="0.3", lw=0.8)
+    ax.set_xlabel("t* (stars: the adaptive t*, at its median)"), ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -3,12 +3,16 @@
 Purifies clean, Gaussian and salt-and-pepper images (the protocol's strengths) at each t* with
 each purifier and prints the classifier's accuracy and its mean over the three. The images are
 test images *after* the first 1000 of ``tendiff.evaluate``'s seeded order, so they are disjoint
-from the images every reported number is measured on.
+from the images every reported number is measured on. ``--out docs/t_star.json`` also records
+the rows (merged with other datasets' and purifiers' rows there): the app plots accuracy against
+t* from it.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -34,6 +38,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=500, help="held-out images")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0, help="the seed of evaluate's image order")
+    p.add_argument("--out", type=Path, help="record the rows in this JSON file (e.g. docs/t_star.json)")
     args = p.parse_args()
     tune_allocator()
     test = load_dataset(args.dataset, "test")
@@ -47,10 +52,19 @@ def main() -> None:
     def accuracy(images):
         return (predict(classifier, images).argmax(1) == y).float().mean().item()
 
+    rows = []
+
+    def record(purifier, t_star, accs, factor=None):
+        rows.append({"dataset": args.dataset, "purifier": purifier, "t_star": t_star, "adaptive_factor": factor,
+                     "n": len(y), "steps": args.steps, "sha256": None if purifier == "none" else ckpt.sha256_file(
+                         ckpt.checkpoint_dir() / ckpt.checkpoint_name(args.dataset, purifier)),
+                     "accuracy": dict(zip(inputs, accs))})
+
     print(f"{args.dataset}: {len(y)} held-out test images, {args.steps} DDIM steps")
     print("| purifier | t* | none | gaussian | salt_pepper | mean |\n|---|---|---|---|---|---|")
     accs = [accuracy(v) for v in inputs.values()]
-    print(f"| none | - | " + " | ".join(f"{100 * a:.1f}" for a in accs) + f" | {100 * sum(accs) / 3:.1f} |")
+    print("| none | - | " + " | ".join(f"{100 * a:.1f}" for a in accs) + f" | {100 * sum(accs) / 3:.1f} |")
+    record("none", None, accs)
     for name in args.purifiers:
         model = ckpt.load_model(ckpt.checkpoint_name(args.dataset, name))
         for t_star in args.t_star:
@@ -58,12 +72,28 @@ def main() -> None:
                     for v in inputs.values()]
             print(f"| {name} | {t_star} | " + " | ".join(f"{100 * a:.1f}" for a in accs)
                   + f" | {100 * sum(accs) / 3:.1f} |", flush=True)
+            record(name, t_star, accs)
         for factor in args.adaptive:
             rule = AdaptiveTStar(factor=factor)
             runs = [purify_adaptive(model, diffusion, v, rule, args.seed, num_steps=args.steps) for v in inputs.values()]
             accs = [accuracy(out) for out, _ in runs]
             print(f"| {name} | adaptive x{factor:g} (median t* " + "/".join(str(int(t.median())) for _, t in runs)
                   + ") | " + " | ".join(f"{100 * a:.1f}" for a in accs) + f" | {100 * sum(accs) / 3:.1f} |", flush=True)
+            record(name, None, accs, factor)
+            rows[-1]["median_t_star"] = {kind: int(t.median()) for kind, (_, t) in zip(inputs, runs)}
+    if args.out:
+        write(args.out, rows, " ".join(["python", *sys.argv]))
+
+
+def write(path: Path, rows: list[dict], command: str) -> None:
+    """Merge ``rows`` into the JSON file: a new row replaces the old one of the same dataset,
+    purifier, t* and adaptive factor; each row keeps the command and date that made it."""
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    key = lambda r: (r["dataset"], r["purifier"], r["t_star"], r["adaptive_factor"])  # noqa: E731
+    stamp = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    merged = {key(r): r for r in old} | {key(r): {**r, **stamp} for r in rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rows": sorted(merged.values(), key=lambda r: tuple(map(str, key(r))))}, indent=1))
 
 
 if __name__ == "__main__":

@@ -367,7 +367,8 @@ class Evaluation:
     def costs(self, defense: Defense) -> dict:
         row = {"purifier": defense.name, "kind": defense.kind, "parameters": defense.parameters}
         if defense.kind == "diffusion":
-            row.update(file=defense.file, size_bytes=(ckpt.checkpoint_dir() / defense.file).stat().st_size,
+            path = ckpt.checkpoint_dir() / defense.file
+            row.update(file=defense.file, size_bytes=path.stat().st_size, sha256=ckpt.sha256_file(path),
                        macs_per_forward=defense.model.macs(*self.images.shape[-2:]),
                        forwards_per_image=defense.forwards_per_image)
         if self.cfg.timing and defense.kind != "none":

@@ -556,3 +556,27 @@ def test_figures_draw_safely_from_many_threads():
     with ThreadPoolExecutor(8) as pool:
         images = list(pool.map(lambda job: job(), jobs * 3))
     assert all(img.size[0] > 300 and img.size[1] > 200 for img in images)
+
+
+def test_measured_numbers_come_from_the_committed_evaluation():
+    """The app's "on 1000 test images" line and plots read docs/results.json (no number typed in)."""
+    import app
+    from tendiff.evaluate import read_results
+    res = next(r for r in read_results(ROOT / "docs" / "results.json") if r["config"]["dataset"] == "mnist")
+    cell = next(c for c in res["cells"] if c["corruption"] == "gaussian" and c["purifier"] == "dense")
+    none = next(c for c in res["cells"] if c["corruption"] == "gaussian" and c["purifier"] == "none")
+    view = app.evidence("mnist", "gaussian", "dense", 200)
+    assert f"**dense {100 * cell['accuracy']:.1f}%**" in view.evidence_line
+    assert f"no purifier {100 * none['accuracy']:.1f}%" in view.evidence_line and "best classical" in view.evidence_line
+    assert Image.open(view.evidence_plot).size[0] > 400
+    assert "No committed measurement of tt-r16" in app.evidence("mnist", "gaussian", "tt-r16", 200).evidence_line
+
+
+def test_t_star_figure_draws_a_sweep():
+    from render import t_star_figure
+    rows = [{"purifier": p, "t_star": t, "adaptive_factor": None, "accuracy": {"gaussian": a}}
+            for p, t, a in (("dense", 100, 0.8), ("dense", 200, 0.9), ("tt-r2", 100, 0.7), ("tt-r2", 200, 0.75))]
+    rows += [{"purifier": "none", "t_star": None, "adaptive_factor": None, "accuracy": {"gaussian": 0.3}},
+             {"purifier": "dense", "t_star": None, "adaptive_factor": 1.5, "median_t_star": {"gaussian": 150},
+              "accuracy": {"gaussian": 0.92}}]
+    assert t_star_figure(rows, "gaussian", "dense", 200, "test").size[0] > 400

@@ -328,6 +328,9 @@ def test_compare_ranks(page):
     page.click("#examples button[aria-label='Thumbnail 7 of 20']")  # the default "6"
     page.wait_for_function("document.querySelector('#true-label input').value === '6'")
     page.click("button[role=tab]:has-text('Compare purifiers')")
+    # The committed measurements for the current choice come first, the chosen purifier marked.
+    page.wait_for_selector("#evidence-plot img")
+    page.wait_for_function("document.querySelector('#evidence-text').innerText.includes('test images')")
     page.click("#compare-btn")
     from tendiff.pipeline import Studio
     expected = Studio().available_purifiers("mnist")
