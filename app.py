@@ -206,7 +206,8 @@ def outputs(ui, cls) -> list:
 
 # --------------------------------------------------------------------------- helpers
 def user_errors(fn):
-    """Turn the pipeline's ValueErrors and missing checkpoints into gr.Error messages."""
+    """Turn the pipeline's ValueErrors and missing checkpoints into gr.Error messages (an ordinary
+    user error: no traceback in the server log)."""
     errors = (ValueError, CheckpointNotFoundError, CheckpointIntegrityError)
 
     if inspect.isgeneratorfunction(fn):
@@ -215,7 +216,7 @@ def user_errors(fn):
             try:
                 yield from fn(*args, **kwargs)
             except errors as exc:
-                raise gr.Error(str(exc)) from None
+                raise gr.Error(str(exc), print_exception=False) from None
         return gen
 
     @functools.wraps(fn)
@@ -223,27 +224,31 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except errors as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(str(exc), print_exception=False) from None
     return wrapper
 
 
 def named_errors(component, message: str | None = None):
     """Make a component's preprocessing failure a clear message that names it (Gradio's own says
-    "Value 0 is less than minimum value 1." without saying which value). Patches the instance: a
-    subclass defined here would make Gradio write an ``app.pyi`` stub next to this file."""
+    "Value 0 is less than minimum value 1." without saying which value), with no traceback in the
+    server log. Patches the instance, once: a subclass defined here would make Gradio write an
+    ``app.pyi`` stub next to this file."""
+    if getattr(component, "_named_errors", False):
+        return component
     original = component.preprocess
 
     def preprocess(payload):
         try:
             return original(payload)
         except gr.Error as exc:
-            if message:  # Gradio's own message (e.g. a file too large) is already clear
-                raise
-            raise gr.Error(f"{component.label}: {exc.message}") from None
+            text = exc.message if message else f"{component.label}: {exc.message}"
+            raise gr.Error(text, print_exception=False) from None
         except Exception as exc:
-            raise gr.Error(message.format(type(exc).__name__) if message else f"{component.label}: {exc}") from None
+            text = message.format(type(exc).__name__) if message else f"{component.label}: {exc}"
+            raise gr.Error(text, print_exception=False) from None
 
     component.preprocess = preprocess
+    component._named_errors = True
     return component
 
 
@@ -887,22 +892,20 @@ def settings_panel(ui) -> None:
     strength, limits = STRENGTH[DEFAULT_DATASET], studio.limits
     models = studio.available_purifiers(DEFAULT_DATASET)
     ui.kind = gr.Dropdown(corruption_choices(), value="gaussian", label="Corruption", elem_id="corruption")
-    ui.sigma = named_errors(gr.Slider(0, 1, strength["gaussian"], step=0.01, label="Gaussian sigma"))
-    ui.p = named_errors(gr.Slider(0, 1, strength["salt_pepper"], step=0.01, label="Salt-and-pepper p", visible=False))
+    ui.sigma = gr.Slider(0, 1, strength["gaussian"], step=0.01, label="Gaussian sigma")
+    ui.p = gr.Slider(0, 1, strength["salt_pepper"], step=0.01, label="Salt-and-pepper p", visible=False)
     with gr.Group(visible=False) as ui.attack_box:
-        ui.eps = named_errors(gr.Slider(0, 0.5, strength["pgd_linf"], step=0.001,
-                                        label="eps (L-inf, pixel units; 8/255 = 0.031)"))
-        ui.attack_steps = named_errors(gr.Slider(1, limits.max_attack_steps, 10, step=1, label=(
-            f"Attack steps (adaptive: at most {limits.max_adaptive_steps})")))
+        ui.eps = gr.Slider(0, 0.5, strength["pgd_linf"], step=0.001, label="eps (L-inf, pixel units; 8/255 = 0.031)")
+        ui.attack_steps = gr.Slider(1, limits.max_attack_steps, 10, step=1, label=(
+            f"Attack steps (adaptive: at most {limits.max_adaptive_steps})"))
     with gr.Group(visible=False) as ui.adaptive_box:
-        ui.eot = named_errors(gr.Slider(1, limits.max_eot, 1, step=1, label="EOT samples"))
-        ui.surrogate = named_errors(gr.Slider(1, limits.max_surrogate_steps, 2, step=1,
-                                              label="Surrogate DDIM steps"))
+        ui.eot = gr.Slider(1, limits.max_eot, 1, step=1, label="EOT samples")
+        ui.surrogate = gr.Slider(1, limits.max_surrogate_steps, 2, step=1, label="Surrogate DDIM steps")
     ui.threat = gr.Markdown(threat_text("gaussian"), elem_id="threat-line", label="threat model")
     ui.model = gr.Dropdown(model_choices(models), value=DEFAULT_MODEL if DEFAULT_MODEL in models else None,
                            label="Purifier (dense, TT or classical)", elem_id="model")
-    ui.t_star = named_errors(gr.Slider(1, studio.num_timesteps, DEFAULT_T_STAR, step=1, label="t* (diffusion depth)",
-                                       elem_id="t-star"))
+    ui.t_star = gr.Slider(1, studio.num_timesteps, DEFAULT_T_STAR, step=1, label="t* (diffusion depth)",
+                          elem_id="t-star")
     with gr.Row():
         ui.purify_btn = gr.Button("Purify", variant="primary", elem_id="purify-btn", scale=2)
         ui.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
@@ -911,12 +914,12 @@ def settings_panel(ui) -> None:
     ui.t_text = gr.Markdown(noise_text(DEFAULT_T_STAR))
     with gr.Accordion("More settings: sampler, steps, seed", open=False, elem_id="more-settings"):
         ui.method = gr.Radio(list(METHODS), value=DEFAULT_METHOD, label="Sampler", elem_id="method")
-        ui.steps = named_errors(gr.Slider(1, limits.max_reverse_steps, DEFAULT_STEPS, step=1,
-                                          label="Reverse steps (one-step ignores this)", elem_id="steps"))
-        ui.seed = named_errors(gr.Number(0, precision=0, minimum=0, label="Seed (noise, attack start, purification)",
-                                         elem_id="seed"))
-        ui.runs = named_errors(gr.Slider(1, limits.max_runs, DEFAULT_RUNS, step=1, elem_id="runs",
-                                         label="Purification runs for the spread (one batch; 1 = the shown run only)"))
+        ui.steps = gr.Slider(1, limits.max_reverse_steps, DEFAULT_STEPS, step=1,
+                             label="Reverse steps (one-step ignores this)", elem_id="steps")
+        ui.seed = gr.Number(0, precision=0, minimum=0, label="Seed (noise, attack start, purification)",
+                            elem_id="seed")
+        ui.runs = gr.Slider(1, limits.max_runs, DEFAULT_RUNS, step=1, elem_id="runs",
+                            label="Purification runs for the spread (one batch; 1 = the shown run only)")
         ui.corrupt_btn = gr.Button("Corrupt only (no purification)", elem_id="corrupt-btn", size="sm")
 
 
@@ -1012,7 +1015,7 @@ def learn_tab(ui) -> None:
     ui.layer_plot = gr.Image(label="Cores and kernels", format="png", interactive=False, elem_id="layer-plot")
     ui.layer_text = gr.Markdown(label="layer")
     gr.Markdown("### Parameters as the rank changes")
-    ui.rank = named_errors(gr.Slider(1, MAX_RANK, 2, step=1, label="Rank R"))
+    ui.rank = gr.Slider(1, MAX_RANK, 2, step=1, label="Rank R")
     ui.params_text = gr.Markdown(label="formula")
     ui.params_plot = gr.Image(label="Whole U-Net parameters by layout and rank", format="png", interactive=False,
                               elem_id="params-plot")
@@ -1133,6 +1136,8 @@ def build_demo() -> gr.Blocks:
                 learn_tab(ui)
             with gr.Tab("API", id="api"):
                 gr.Markdown("Every main action is a named endpoint. With the app running:\n\n" + API_DOC)
+        for component in run_inputs(ui) + [ui.method, ui.steps, ui.adaptive_t, ui.runs, ui.learn_model, ui.rank]:
+            named_errors(component)  # (the input image has its own message, set where it is made)
         wire_input(ui)
         cancels = wire_runs(ui, demo) + wire_learn(ui, demo)
         wire_evidence(ui, demo)
