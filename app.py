@@ -84,6 +84,10 @@ DEFAULT_EXAMPLE = "mnist_7_0.png"
 DEFAULT_DATASET = "mnist"
 DISPLAY = 224  # display size of the small images (nearest-neighbour enlargement)
 HEAVY_CONCURRENCY = int(os.environ.get("TENDIFF_CONCURRENCY", "1"))  # heavy runs at a time (2-core CPU: 1)
+# Purify requests run concurrently: their purifications share one batch (tendiff.batching), and
+# attacks queue inside the pipeline.
+PURIFY_CONCURRENCY = int(os.environ.get("TENDIFF_PURIFY_CONCURRENCY", "16"))
+BUSY_FRAMES = 3  # intermediate frames a purification streams while others run too
 MAX_GIFS = 128  # GIFs kept in the app's temp folder (and as many run ZIPs, compare CSVs)
 MAX_PNG_FOLDERS = 4000  # displayed PNGs kept in the app's temp folder
 FRAME_INTERVAL = float(os.environ.get("TENDIFF_FRAME_INTERVAL", "0.1"))  # seconds between streamed frames
@@ -539,23 +543,52 @@ def purify(dataset, image, true_label, corruption, sigma, p, eps, attack_steps, 
     corrupted_probs = label_dict(dataset, studio.probs(dataset, corrupted.tensor)[0])
     interval = min(FRAME_INTERVAL, STREAM_BUDGET / (spec.steps + 1))
     last, first = time.perf_counter(), True
-    for frame, result, cached in studio.run_stream(dataset, x, y, request, spec):
-        if result is not None:
-            yield _final_view(dataset, x, y, corrupted, request, spec, result, cached, clean_probs, corrupted_probs,
-                              runs)
-            return
-        wait = interval - (time.perf_counter() - last)
-        if wait > 0 and not first:  # (cached replays too: a replay streams like a run)
-            time.sleep(wait)
-        last = time.perf_counter()
-        progress = (f"Step {frame.index}/{frame.num_steps} · t = {frame.t} · noise std {frame.noise_std:.3f} · "
-                    f"{'replayed from cache' if cached else f'{frame.seconds:.2f} s'}")
-        step = dict(x_t=show(frame.x_t, "x_t"), purified=show(frame.pred_x0, "predicted_x0"), progress=progress)
-        if first:  # the inputs' pictures once, and the last run's results cleared
-            step.update(corrupted=show(corrupted.tensor, "corrupted"), clean_top=clean_probs,
-                        corrupted_top=corrupted_probs)
-        yield view(RunView, None if first else gr.skip(), **step)
-        first = False
+    with _streams:
+        stride = _streams.stride(spec.steps)
+        for frame, result, cached in studio.run_stream(dataset, x, y, request, spec):
+            if result is not None:
+                yield _final_view(dataset, x, y, corrupted, request, spec, result, cached, clean_probs,
+                                  corrupted_probs, runs)
+                return
+            if frame.index % stride == 0:
+                yield _step_view(frame, cached, corrupted, clean_probs, corrupted_probs, first, interval, last)
+                last, first = time.perf_counter(), False
+
+
+class _Streams:
+    """How many purifications stream now. A busy server streams fewer intermediate frames: every
+    update costs the server more than the step it shows."""
+
+    def __init__(self):
+        self.active, self._lock = 0, threading.Lock()
+
+    def __enter__(self):
+        with self._lock:
+            self.active += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self.active -= 1
+
+    def stride(self, steps: int) -> int:
+        return 1 if self.active <= 1 else max(1, steps // BUSY_FRAMES)
+
+
+_streams = _Streams()
+
+
+def _step_view(frame, cached, corrupted, clean_probs, corrupted_probs, first, interval, last) -> RunView:
+    """One streamed step (paced: frames faster than the eye are spread over STREAM_BUDGET)."""
+    wait = interval - (time.perf_counter() - last)
+    if wait > 0 and not first:  # (cached replays too: a replay streams like a run)
+        time.sleep(wait)
+    progress = (f"Step {frame.index}/{frame.num_steps} · t = {frame.t} · noise std {frame.noise_std:.3f} · "
+                f"{'replayed from cache' if cached else f'{frame.seconds:.2f} s'}")
+    step = dict(x_t=show(frame.x_t, "x_t"), purified=show(frame.pred_x0, "predicted_x0"), progress=progress)
+    if first:  # the inputs' pictures once, and the last run's results cleared
+        step.update(corrupted=show(corrupted.tensor, "corrupted"), clean_top=clean_probs,
+                    corrupted_top=corrupted_probs)
+    return view(RunView, None if first else gr.skip(), **step)
 
 
 def _compare_columns(tracked_name: str) -> list[str]:
@@ -1070,6 +1103,7 @@ def run_inputs(ui) -> list:
 def wire_runs(ui, demo) -> list:
     """Corrupt, purify (also once on load: the first visit shows a result) and compare; returns the events."""
     heavy = dict(concurrency_id="heavy", concurrency_limit=HEAVY_CONCURRENCY, time_limit=600)
+    batched = dict(concurrency_id="purify", concurrency_limit=PURIFY_CONCURRENCY, time_limit=600)
     inputs = run_inputs(ui) + [ui.method, ui.steps, ui.adaptive_t, ui.runs]
     corrupt_outputs = outputs(ui, CorruptView)
     ui.corrupt_btn.click(lambda: (None,) * len(RunView._fields), None, outputs(ui, RunView), api_visibility="private",
@@ -1077,9 +1111,9 @@ def wire_runs(ui, demo) -> list:
     events = [ui.corrupt_btn.click(corrupt, run_inputs(ui), corrupt_outputs, api_name="corrupt",
                                    show_progress="minimal", **heavy),
               ui.purify_btn.click(purify, inputs, outputs(ui, RunView), api_name="purify", show_progress="hidden",
-                                  **heavy),
+                                  **batched),
               demo.load(purify, inputs, outputs(ui, RunView), api_name="initial_purify", api_visibility="private",
-                        show_progress="hidden", **heavy),
+                        show_progress="hidden", **batched),
               ui.compare_btn.click(compare, inputs, outputs(ui, CompareView), api_name="compare",
                                    show_progress="minimal", **heavy)]
     demo.load(prepare, [ui.dataset, ui.image], [ui.seen, ui.seen_msg], api_name="initial_prepare",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -188,8 +188,10 @@ class GaussianDiffusion:
         return (1 + guidance_scale) * cond - guidance_scale * uncond
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _randn_like(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
     # Draw on the generator's device (CPU by default) so a seed means the same noise everywhere.
+    if isinstance(generator, (list, tuple)):  # one generator per image: its noise ignores the batch
+        return torch.cat([_randn_like(x[i: i + 1], g) for i, g in enumerate(generator)])
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
@@ -217,7 +219,7 @@ def _reverse_step(diffusion: GaussianDiffusion, model, x_t, t, s, method, eta, g
 
 
 def purify(model, diffusion: GaussianDiffusion, images: torch.Tensor, t_star: int, num_steps: int = 10,
-           method: str = "ddim", seed: int = 0, label: torch.Tensor | None = None,
+           method: str = "ddim", seed: int | Sequence[int] = 0, label: torch.Tensor | None = None,
            guidance_scale: float = 0.0, eta: float = 0.0, grad: bool = False,
            checkpoint: bool = False) -> Iterator[PurifyStep]:
     """Diffuse ``images`` (B, C, H, W in [0, 1]) to ``t_star`` and denoise back, yielding each step.
@@ -229,14 +231,22 @@ def purify(model, diffusion: GaussianDiffusion, images: torch.Tensor, t_star: in
     which leaks it when it is the true label (the authors' setting; never a fair defense).
     ``grad=True`` keeps the graph, for attacks that differentiate through purification, and
     ``checkpoint=True`` then keeps only each step's input (memory of one step, not num_steps).
-    ``seed`` fixes both the forward noise and any ancestral noise.
+    ``seed`` fixes both the forward noise and any ancestral noise; a sequence of seeds, one per
+    image, gives each image its own noise stream, so that an image's result does not depend on the
+    batch it ran in (image i equals a batch-1 run with seed[i]; the app batches concurrent requests).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     if method == "one-step":
         num_steps = 1
     ts = diffusion.timesteps(t_star, num_steps)
-    generator = torch.Generator().manual_seed(int(seed))
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != len(images) or (checkpoint and grad):
+            raise ValueError(f"per-image seeds need one seed per image ({len(seed)} for {len(images)}) and no "
+                             "checkpointing")
+        generator = [torch.Generator().manual_seed(int(s)) for s in seed]
+    else:
+        generator = torch.Generator().manual_seed(int(seed))
     with torch.inference_mode(not grad):
         x0 = images * 2 - 1
         x_t = diffusion.q_sample(x0, ts[0], _randn_like(x0, generator))

@@ -32,6 +32,7 @@ from .checkpoints import CheckpointNotFoundError, checkpoint_name, load_model, m
 from .classifiers import predict
 from .data import CLASS_NAMES, DATASETS, check_dataset
 from .inputs import UploadLimits, image_hash, quantize
+from .batching import Batcher
 from .defense import vote
 from .diffusion import METHODS, GaussianDiffusion, purify, purify_batch
 from .metrics import psnr, ssim
@@ -319,6 +320,8 @@ class Studio:
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self._cache_size = cache_size
         self._manifest: tuple[int | None, dict] | None = None
+        self.batcher = Batcher()  # purifications of concurrent requests run as one batch
+        self._attack_lock = threading.Lock()  # attacks are heavy: one at a time
 
     @property
     def num_timesteps(self) -> int:
@@ -461,13 +464,14 @@ class Studio:
             if label_used is None:
                 label_used = int(self.probs(dataset, x).argmax())
             yt = torch.tensor([label_used])
-            if spec.kind == "pgd_linf":
-                out = attacks.pgd_linf(classifier, x, yt, spec.eps, steps=spec.attack_steps, seed=seed)
-            else:
-                purifier = self.purifier(dataset, model)
-                out = attacks.pgd_eot_ddim_surrogate(
-                    classifier, purifier, self.diffusion, x, yt, spec.eps, t_star, steps=spec.attack_steps,
-                    eot=spec.eot, surrogate_steps=spec.surrogate_steps, seed=seed)
+            with self._attack_lock:  # (many requests run at once; attacks queue here, one per core's worth)
+                if spec.kind == "pgd_linf":
+                    out = attacks.pgd_linf(classifier, x, yt, spec.eps, steps=spec.attack_steps, seed=seed)
+                else:
+                    purifier = self.purifier(dataset, model)
+                    out = attacks.pgd_eot_ddim_surrogate(
+                        classifier, purifier, self.diffusion, x, yt, spec.eps, t_star, steps=spec.attack_steps,
+                        eot=spec.eot, surrogate_steps=spec.surrogate_steps, seed=seed)
         return Corrupted(quantize(out), spec, label_used, time.perf_counter() - start)
 
     def purify_stream(self, dataset: str, x: torch.Tensor, spec: PurifySpec = PurifySpec(),
@@ -503,8 +507,14 @@ class Studio:
         spec = self.resolve_t_star(spec, x)[0]
         model = purifier if purifier is not None else self.purifier(dataset, spec.model)
         label = None if guide_label is None else torch.tensor([int(guide_label)])
-        for step in purify(model, self.diffusion, x, spec.t_star, num_steps=spec.steps, method=spec.method,
-                           seed=spec.seed, label=label, guidance_scale=guidance_scale):
+        if label is None and purifier is None and len(x) == 1:  # concurrent requests share a batch
+            key = (dataset, spec.model, spec.t_star, spec.steps, spec.method)
+            steps = self.batcher.stream(key, x, [spec.seed], lambda images, seeds: purify(
+                model, self.diffusion, images, spec.t_star, num_steps=spec.steps, method=spec.method, seed=seeds))
+        else:
+            steps = purify(model, self.diffusion, x, spec.t_star, num_steps=spec.steps, method=spec.method,
+                           seed=spec.seed, label=label, guidance_scale=guidance_scale)
+        for step in steps:
             yield frame(step.index, step.num_steps, step.t, step.x_t, step.pred_x0)
 
     def resolve_t_star(self, spec: PurifySpec, x: torch.Tensor) -> tuple[PurifySpec, str]:

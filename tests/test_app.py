@@ -255,6 +255,33 @@ def test_spread_purifies_one_input_many_times_and_votes():
 
 
 @needs_mnist
+def test_concurrent_purifications_share_a_batch_and_get_their_own_results():
+    """Requests purified at once run as one batch (tendiff.batching), each streaming its own frames,
+    identical to what it gets alone."""
+    import threading
+    x = prepare_image(ASSETS / "mnist_7_0.png", "mnist").tensor
+    specs = [PurifySpec("tt-r2", t_star=150, steps=6, seed=s) for s in range(6)]
+    alone = {}
+    for spec in specs:
+        alone[spec.seed] = [f.x_t for f in Studio().purify_stream("mnist", x, spec)]
+    studio, together, start = Studio(), {}, threading.Barrier(len(specs))
+    studio.batcher.window_s = 0.2  # (a slow test machine still gathers the racing requests)
+    studio.purify_stream("mnist", x, specs[0]).__next__()  # (models loaded before the race)
+
+    def run(spec):
+        start.wait()
+        together[spec.seed] = [f.x_t for f in studio.purify_stream("mnist", x, spec)]
+
+    threads = [threading.Thread(target=run, args=(spec,)) for spec in specs]
+    [t.start() for t in threads]
+    [t.join(timeout=60) for t in threads]
+    assert max(studio.batcher.batches) > 1, studio.batcher.batches  # some requests shared a batch
+    for seed, frames in alone.items():
+        assert len(together[seed]) == len(frames) == 7
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(frames, together[seed]))
+
+
+@needs_mnist
 def test_classical_purifier_runs_as_one_final_frame():
     studio = Studio()
     x = prepare_image(ASSETS / "mnist_7_0.png", "mnist").tensor

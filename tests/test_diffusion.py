@@ -121,6 +121,22 @@ def test_seed_fixes_the_result_and_changes_it_when_changed():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_per_image_seeds_make_a_result_independent_of_its_batch(method):
+    """Image i of a batch with seeds [s_0, s_1, ...] equals a batch-1 run with s_i (the app batches
+    concurrent requests; each must get what it would alone), step by step."""
+    x = torch.rand(3, 1, 6, 6)
+    d = GaussianDiffusion()
+    batch = list(purify(Dummy(), d, x, 100, num_steps=4, method=method, eta=0.5, seed=[7, 8, 9]))
+    for i, s in enumerate([7, 8, 9]):
+        alone = list(purify(Dummy(), d, x[i: i + 1], 100, num_steps=4, method=method, eta=0.5, seed=s))
+        for a, b in zip(batch, alone):
+            assert torch.allclose(a.x_t[i: i + 1], b.x_t, atol=1e-6) and torch.allclose(a.pred_x0[i: i + 1], b.pred_x0,
+                                                                                       atol=1e-6)
+    with pytest.raises(ValueError, match="one seed per image"):
+        next(purify(Dummy(), d, x, 100, seed=[1, 2]))
+
+
 @pytest.mark.parametrize("kwargs", [dict(t_star=0), dict(t_star=1001), dict(num_steps=0),
                                     dict(num_steps=101), dict(method="euler")])
 def test_bad_purify_arguments_are_refused_before_work(kwargs):

@@ -1,0 +1,58 @@
+"""Many visitors at once: ``python scripts/load_test.py http://127.0.0.1:7860/ --clients 20 --per-client 3``.
+
+Each client sends ``--per-client`` default purifications (MNIST, Gaussian, tt-r2, new seeds) one
+after another, all clients at once; prints the total time and the median and worst latency of a
+request. Clients do not download the result files unless ``--download`` (on one machine the
+clients' downloads cost more CPU than the server does: that measures the clients).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("url")
+    p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--per-client", type=int, default=3)
+    p.add_argument("--download", action="store_true", help="clients download every result file")
+    args = p.parse_args()
+    from gradio_client import Client, handle_file
+
+    latencies, errors = [], []
+    start = threading.Barrier(args.clients)
+
+    def client(i: int) -> None:
+        try:
+            c = Client(args.url, verbose=False, download_files=args.download)
+            start.wait(timeout=120)
+            for j in range(args.per_client):
+                request = ["mnist", handle_file(str(ASSETS / f"mnist_{i % 10}_0.png")), str(i % 10), "gaussian", 0.2,
+                           0.2, 0.2, 10, 1, 2, 1000 + 10 * i + j, "tt-r2", 200, "ddim", 10]
+                t = time.perf_counter()
+                final = c.predict(*request, api_name="/purify")
+                latencies.append(time.perf_counter() - t)
+                if not final[2].startswith("Done"):
+                    errors.append(f"client {i}: {final[2]}")
+        except Exception as exc:  # noqa: BLE001 - counted and shown
+            errors.append(f"client {i}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(f"{len(latencies)} purifications from {args.clients} clients in {time.perf_counter() - t0:.1f} s; "
+          f"latency median {statistics.median(latencies):.1f} s, worst {max(latencies):.1f} s; "
+          f"{len(errors)} errors {errors[:3]}")
+
+
+if __name__ == "__main__":
+    main()
