@@ -442,7 +442,8 @@ def prepare(dataset: str, image):
     if image is None:  # the input was cleared
         return None, ""
     prepared = _input(dataset, image)
-    return show(prepared.tensor, "model_input"), prepared.message
+    warning = studio.unfamiliar(dataset, prepared.tensor)
+    return show(prepared.tensor, "model_input"), prepared.message + (f"  \n**Warning:** {warning}" if warning else "")
 
 
 def use_drawing(drawing, last: str | None = None):
@@ -517,9 +518,10 @@ def _final_view(dataset, x, y, corrupted, request, spec, result, cached, clean_p
     """The last update of a run: every picture, number and file of it, and the spread over ``runs``."""
     measures = attack_measures(result)
     gif, archive = run_files(dataset, studio.run_key(dataset, x, y, request, spec), result, spec, y, measures)
-    last = result.frames[-1]
+    last, warning = result.frames[-1], studio.unfamiliar(dataset, x)
     return RunView(
-        x_t=show(last.x_t, "x_t"), purified=show(last.pred_x0, "purified"), progress=_summary(result, cached),
+        x_t=show(last.x_t, "x_t"), purified=show(last.pred_x0, "purified"),
+        progress=_summary(result, cached) + (f"  \n**Warning:** {warning}" if warning else ""),
         corrupted=show(corrupted.tensor, "corrupted"), clean_top=clean_probs, corrupted_top=corrupted_probs,
         purified_top=label_dict(dataset, result.probs_purified), trajectory=_plot_frame(result.frames, y is not None),
         strip=png_file(strip_image(result.frames, scale=max(1, 84 // IMAGE_SHAPE[dataset][1])), "steps"), gif=gif,

@@ -31,6 +31,10 @@ run() {  # run NAME ARGS...: train checkpoints/<ds>_NAME.safetensors unless camp
 }
 [ -f "checkpoints/${ds}_classifier.safetensors" ] || run classifier classifier $cls
 run dense purifier --until-converged --steps 20000
+# The app's "unlike the dataset" warning is measured with these dense weights (tendiff.familiar).
+if [ ! -f "$dir/familiar.done" ]; then
+  python scripts/familiar_reference.py --dataset "$ds" >> "$dir/familiar.log" 2>&1 && date -u +%FT%TZ > "$dir/familiar.done"
+fi
 from_dense="--init-from checkpoints/${ds}_dense.safetensors --steps $LADDER_STEPS"
 for label in tt-r1 tt-r2 tt-r3 tt-r4 tt-r8 tt-r16 ttm-r1 ttm-r2 ttm-r3 ttm-r4 authors-r3; do
   run "$label" purifier --conv "${label%-r*}" --rank "${label##*-r}" $from_dense

@@ -26,9 +26,10 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from . import attacks
+from . import attacks, familiar
 from .checks import check_float, check_int
-from .checkpoints import CheckpointNotFoundError, checkpoint_name, load_model, manifest_path, read_manifest
+from .checkpoints import (CheckpointNotFoundError, checkpoint_dir, checkpoint_name, load_model, manifest_path,
+                          read_manifest)
 from .classifiers import predict
 from .data import CLASS_NAMES, DATASETS, check_dataset
 from .inputs import UploadLimits, image_hash, quantize
@@ -338,6 +339,18 @@ class Studio:
         if self._manifest is None or self._manifest[0] != stamp:
             self._manifest = (stamp, read_manifest()["checkpoints"])
         return self._manifest[1]
+
+    def unfamiliar(self, dataset: str, x: torch.Tensor) -> str | None:
+        """A warning when x (1, C, H, W) looks unlike the dataset's images (:mod:`tendiff.familiar`);
+        None when it looks like them, or no reference was measured with the committed dense purifier."""
+        name = checkpoint_name(check_dataset(dataset), "dense")
+        sha = self.manifest_entries().get(name, {}).get("sha256")
+        reference = familiar.read_reference(checkpoint_dir() / familiar.REFERENCE).get(dataset)
+        if sha is None or reference is None or reference.get("sha256") != sha:
+            return None
+        value, _ = self._cached(("familiar", dataset, image_hash(x)),
+                                lambda: float(familiar.score(self.purifier(dataset, "dense"), self.diffusion, x)[0]))
+        return familiar.verdict(value, reference, sha)
 
     def available_models(self, dataset: str) -> list[str]:
         """Diffusion purifier labels whose checkpoint the manifest lists, in display order."""

@@ -611,3 +611,29 @@ def test_t_star_figure_draws_a_sweep():
              {"purifier": "dense", "t_star": None, "adaptive_factor": 1.5, "median_t_star": {"gaussian": 150},
               "accuracy": {"gaussian": 0.92}}]
     assert t_star_figure(rows, "gaussian", "dense", 200, "test").size[0] > 400
+
+
+def test_familiar_verdict_needs_a_reference_made_with_these_weights():
+    from tendiff.familiar import verdict
+    ref = {"threshold": 0.05, "quantile": 0.99, "sha256": "abc"}
+    assert verdict(0.04, ref, "abc") is None  # below the threshold
+    assert "unlike the dataset's images" in verdict(0.08, ref, "abc") and "99%" in verdict(0.08, ref, "abc")
+    assert verdict(0.08, ref, "other weights") is None and verdict(0.08, None, "abc") is None
+
+
+@needs_mnist
+def test_an_input_unlike_the_dataset_gets_a_warning():
+    """Fashion-MNIST and CIFAR-10 images given to the MNIST models are flagged, MNIST digits are not
+    (checkpoints/familiar.json, measured with the committed dense purifier)."""
+    import app
+    studio = Studio()
+    if studio.unfamiliar("mnist", torch.rand(1, 1, 28, 28)) is None:
+        pytest.skip("no familiarity reference for the committed MNIST dense purifier (scripts/familiar_reference.py)")
+    digits = [prepare_image(ASSETS / f"mnist_{k}_{c}.png", "mnist").tensor for k in range(10) for c in range(2)]
+    assert sum(studio.unfamiliar("mnist", x) is not None for x in digits) <= 1
+    others = [prepare_image(ASSETS / f"{ds}_{k}_0.png", "mnist").tensor for ds in ("fashion_mnist", "cifar10")
+              for k in range(10)]
+    assert sum(studio.unfamiliar("mnist", x) is not None for x in others) >= 14
+    _, message = app.prepare("mnist", str(ASSETS / "cifar10_3_0.png"))
+    assert "**Warning:** This input looks unlike" in message
+    assert "Warning" not in app.prepare("mnist", str(ASSETS / "mnist_3_0.png"))[1]
