@@ -49,9 +49,11 @@ def main() -> None:
         t.start()
     for t in threads:
         t.join()
+    timing = (f"latency median {statistics.median(latencies):.1f} s, worst {max(latencies):.1f} s; "
+              if latencies else "")
     print(f"{len(latencies)} purifications from {args.clients} clients in {time.perf_counter() - t0:.1f} s; "
-          f"latency median {statistics.median(latencies):.1f} s, worst {max(latencies):.1f} s; "
-          f"{len(errors)} errors {errors[:3]}")
+          f"{timing}{len(errors)} errors {errors[:3]}")
+    raise SystemExit(1 if errors else 0)
 
 
 if __name__ == "__main__":
