@@ -88,6 +88,7 @@ HEAVY_CONCURRENCY = int(os.environ.get("TENDIFF_CONCURRENCY", "1"))  # heavy run
 # attacks queue inside the pipeline.
 PURIFY_CONCURRENCY = int(os.environ.get("TENDIFF_PURIFY_CONCURRENCY", "16"))
 BUSY_FRAMES = 3  # intermediate frames a purification streams while others run too
+SESSIONS = int(os.environ.get("TENDIFF_SESSIONS", "100"))  # visitors' sessions kept in memory
 MAX_GIFS = 128  # GIFs kept in the app's temp folder (and as many run ZIPs, compare CSVs)
 MAX_PNG_FOLDERS = 4000  # displayed PNGs kept in the app's temp folder
 FRAME_INTERVAL = float(os.environ.get("TENDIFF_FRAME_INTERVAL", "0.1"))  # seconds between streamed frames
@@ -1185,8 +1186,10 @@ def build_demo() -> gr.Blocks:
 
 
 def launch_kwargs() -> dict:
+    # Gradio keeps each session's updated components in memory (about 2 MB of RSS per gradio_client
+    # session of 10 purifications here, and 10,000 sessions by default): the oldest are dropped.
     return dict(theme=gr.themes.Soft(), css=CSS, allowed_paths=[str(ASSETS)], max_file_size="10mb",
-                show_error=True)
+                show_error=True, state_session_capacity=SESSIONS)
 
 
 WARM_UP_TIMEOUT_S = 60

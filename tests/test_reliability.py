@@ -217,3 +217,22 @@ def test_twenty_clients_with_five_mixed_requests_each(app_url):
     assert set(answers.values()) == {"ok"}, [k for k, v in answers.items() if v != "ok"]
     # Run caches are bounded (Studio cache_size) and models load once: growth stays small.
     assert peak[0] - before < 600, f"memory grew by {peak[0] - before:.0f} MiB under load"
+
+
+@pytest.mark.slow
+def test_sessions_kept_in_memory_are_bounded(app_url):
+    """Gradio keeps every session's updated components (about 2 MB each here): the app keeps the
+    newest TENDIFF_SESSIONS (measured: RSS stops growing once that many sessions exist)."""
+    import app
+    from gradio_client import Client, handle_file
+    assert app.launch_kwargs()["state_session_capacity"] == app.SESSIONS
+    holder = app.demo.state_holder
+    capacity = holder.capacity
+    holder.capacity = 3
+    try:
+        for i in range(6):
+            Client(app_url, verbose=False).predict("mnist", handle_file(str(ASSETS / f"mnist_{i}_0.png")),
+                                                   api_name="/prepare")
+        assert len(holder.session_data) <= 3
+    finally:
+        holder.capacity = capacity
