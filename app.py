@@ -116,6 +116,7 @@ CSS = """
 .captioned .icon-button-wrapper { display: none !important; }
 @media (max-width: 700px) {
   #examples .grid-container { grid-template-columns: repeat(5, minmax(0, 1fr)) !important; }
+  #examples, #examples .grid-wrap { height: auto !important; }
   #compare-gallery .grid-container { grid-template-columns: repeat(3, minmax(0, 1fr)) !important; }
 }
 """

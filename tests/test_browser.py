@@ -143,6 +143,27 @@ def test_first_visit_shows_a_result_above_the_fold(browser, server):
         page.close()
 
 
+def test_phone_layout(browser, server):
+    """At 390 px wide: the examples are thumbnails a finger can hit (5 a row, all 20 shown), the
+    default result arrives, no error."""
+    page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=3)
+    try:
+        page.set_default_timeout(60_000)
+        page.goto(server)
+        page.wait_for_function("(document.querySelector('#progress')?.innerText || '').startsWith('Done')")
+        thumbs = page.locator("#examples button[aria-label^='Thumbnail']")
+        assert thumbs.count() == 20
+        widths = [thumbs.nth(i).bounding_box()["width"] for i in (0, 19)]
+        assert min(widths) >= 50, widths
+        last = thumbs.nth(19).bounding_box()
+        gallery = page.locator("#examples").bounding_box()
+        assert last["y"] + last["height"] <= gallery["y"] + gallery["height"] + 1  # not hidden behind a scroll
+        assert not page.locator("[data-testid=toast-body]").count()
+        shot(page, "12_phone", full_page=False)
+    finally:
+        page.close()
+
+
 def test_a_click_streams_and_finishes(page):
     """The page shows the default seed's result on load; another seed is a new run, streamed step by step."""
     more_settings(page)
