@@ -990,11 +990,11 @@ def details_panel(ui) -> None:
                   "when the label is unknown) and RMSE to the clean image (orange)",
             color_map={KNOWN: "#1f77b4", GUESSED: "#1f77b4", RMSE: "#ff7f0e"})
         ui.perturbation = gr.Image(label="Perturbation, amplified", format="png", interactive=False, height=220,
-                                   scale=1, min_width=180, elem_id="perturbation")
+                                   scale=1, min_width=180, elem_id="perturbation", elem_classes=["captioned"])
     ui.strip = gr.Image(label="Steps: x_t (top), predicted clean image (bottom)", format="png", interactive=False,
-                        height=220, elem_id="strip")
+                        height=220, elem_id="strip", elem_classes=["captioned"])
     ui.spread_image = gr.Image(label="The same input purified again and again (fresh noise): each run's prediction",
-                               format="png", interactive=False, height=220, elem_id="spread-image")
+                               format="png", interactive=False, height=220, elem_id="spread-image", elem_classes=["captioned"])
     ui.attack_sizes = gr.Markdown(elem_id="attack-line", label="perturbation sizes")
     with gr.Row():
         ui.gif = gr.File(label="GIF of the run", height=90, elem_id="gif")
@@ -1022,8 +1022,8 @@ def compare_tab(ui) -> None:
                 "against t* on held-out images.")
     with gr.Row():
         ui.evidence_plot = gr.Image(label="Accuracy against parameters", format="png", interactive=False,
-                                    elem_id="evidence-plot")
-        ui.t_star_plot = gr.Image(label="Accuracy against t*", format="png", interactive=False, elem_id="t-star-plot")
+                                    elem_id="evidence-plot", elem_classes=["captioned"])
+        ui.t_star_plot = gr.Image(label="Accuracy against t*", format="png", interactive=False, elem_id="t-star-plot", elem_classes=["captioned"])
     ui.evidence_text = gr.Markdown(elem_id="evidence-text", label="measured")
     gr.Markdown("### This input through every purifier")
     gr.Markdown("Runs the input, corruption, t*, sampler, steps and seed set on the Purify tab through every "
@@ -1049,15 +1049,15 @@ def learn_tab(ui) -> None:
                                      value=DEFAULT_MODEL if DEFAULT_MODEL in tt_models else None)
         ui.learn_layer = gr.Dropdown([], label="Layer", allow_custom_value=True)
         ui.learn_btn = gr.Button("Show cores", elem_id="learn-btn")
-    ui.layer_plot = gr.Image(label="Cores and kernels", format="png", interactive=False, elem_id="layer-plot")
+    ui.layer_plot = gr.Image(label="Cores and kernels", format="png", interactive=False, elem_id="layer-plot", elem_classes=["captioned"])
     ui.layer_text = gr.Markdown(label="layer")
     gr.Markdown("### Parameters as the rank changes")
     ui.rank = gr.Slider(1, MAX_RANK, 2, step=1, label="Rank R")
     ui.params_text = gr.Markdown(label="formula")
     ui.params_plot = gr.Image(label="Whole U-Net parameters by layout and rank", format="png", interactive=False,
-                              elem_id="params-plot")
+                              elem_id="params-plot", elem_classes=["captioned"])
     gr.Markdown("### Noise std over t")
-    ui.schedule_plot = gr.Image(label="Noise schedule", format="png", interactive=False, elem_id="schedule-plot")
+    ui.schedule_plot = gr.Image(label="Noise schedule", format="png", interactive=False, elem_id="schedule-plot", elem_classes=["captioned"])
     ui.schedule_text = gr.Markdown(elem_id="schedule-text", label="t*")
     gr.Markdown("### The guidance lesson\nThe authors guide the purifier with the label. Compare the input purified "
                 "by a class-conditional purifier with no label, the true label and a wrong label (uses the Purify "
