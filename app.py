@@ -29,7 +29,7 @@ Every main action is a named endpoint, usable from Python with ``gradio_client``
                                                  "tt-r2", 100, "ddim", 10, api_name="/compare")
 
 The inputs of /corrupt, /purify and /compare are, in order: dataset, image, true label (a class
-name, or "unknown"), corruption (none, gaussian, salt_pepper, pgd_linf, adaptive), sigma, p, eps,
+name, or "unknown"), corruption (none, gaussian, salt_pepper, pgd_linf, adaptive, exact), sigma, p, eps,
 attack steps, EOT samples, surrogate DDIM steps, seed, model (dense, tt-r1..tt-r16, ttm-r1..ttm-r4,
 authors-r3, or a classical filter), t*, and for /purify and /compare the method (ddpm, ddim,
 one-step), the number of steps, whether t* is chosen from the input (adaptive_t) and how many
@@ -66,7 +66,7 @@ from tendiff.data import CLASS_NAMES, DATASETS, IMAGE_SHAPE
 from tendiff.diffusion import METHODS
 from tendiff.evaluate import read_results
 from tendiff.inputs import CENTRING, drawn_image, prepare_image
-from tendiff.pipeline import (APP_CORRUPTIONS, DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_STEPS, DEFAULT_T_STAR,
+from tendiff.pipeline import (APP_CORRUPTIONS, THROUGH_PURIFIER, DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_STEPS, DEFAULT_T_STAR,
                               CorruptionSpec, PurifySpec, Studio, attack_measures, check_dataset, check_label,
                               run_record, topk)
 from tendiff.protocol import CORRUPTIONS, DATASET_TITLES, MAX_RANK, PAPER_MAX_RANK, STRENGTH, T_STAR, purifier_title
@@ -197,6 +197,7 @@ class KindView(NamedTuple):
     p: Any
     attack_box: Any
     adaptive_box: Any
+    surrogate: Any
     threat: Any
 
 
@@ -357,12 +358,15 @@ def corruption_choices() -> list[tuple[str, str]]:
     return [(CORRUPTIONS[k].title.split(" (")[0], k) for k in APP_CORRUPTIONS]
 
 
-def threat_text(corruption, eps=0.2, attack_steps=10, eot=1, surrogate=2) -> str:
+def threat_text(corruption, eps=0.2, attack_steps=10, eot=1, surrogate=2, steps=DEFAULT_STEPS) -> str:
     try:
         spec = CorruptionSpec(corruption, eps=eps, attack_steps=attack_steps, eot=eot, surrogate_steps=surrogate)
         text = f"**{spec.threat}**"
-        if corruption in ("pgd_linf", "adaptive"):
-            text += f"  \nCost: {spec.cost()}"
+        if corruption == "exact":  # (what the app's exact attack goes through, where it differs from the evaluation's)
+            text += ("  \nHere: through the purifier, t*, sampler and steps chosen on this page; with adaptive t* "
+                     "on, through the dataset's fixed t*.")
+        if not CORRUPTIONS[corruption].random and corruption != "none":
+            text += f"  \nCost: {spec.cost(int(steps))}"
         return text
     except Exception as exc:  # a half-typed value: say nothing wrong, the run will validate
         return str(exc)
@@ -476,10 +480,11 @@ def corrupt(dataset, image, true_label, corruption, sigma, p, eps, attack_steps,
     request, spec = _specs(corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star)
     y, request, spec = studio.validate_request(dataset, true_label, request, spec)
     x = _input(dataset, image).tensor
-    out = studio.corrupt(dataset, request.kind, x, y, request, spec.seed, spec.model, spec.t_star)
+    out = studio.corrupt(dataset, request.kind, x, y, request, spec.seed, spec.model, spec.t_star, spec.steps,
+                         spec.method)
     return CorruptView(show(out.tensor, "corrupted"), label_dict(dataset, studio.probs(dataset, x)[0]),
                        label_dict(dataset, studio.probs(dataset, out.tensor)[0]),
-                       threat_text(corruption, eps, attack_steps, eot, surrogate))
+                       threat_text(corruption, eps, attack_steps, eot, surrogate, spec.steps))
 
 
 def _summary(result, cached: bool) -> str:
@@ -540,9 +545,10 @@ def purify(dataset, image, true_label, corruption, sigma, p, eps, attack_steps, 
                            adaptive_t)
     y, request, spec = studio.validate_request(dataset, true_label, request, spec)
     x = _input(dataset, image).tensor
-    if request.kind == "adaptive":  # can take a while: say so before it starts (one extra update)
-        yield view(RunView, gr.skip(), progress=f"Running the adaptive attack first: {request.cost()}")
-    corrupted = studio.corrupt(dataset, request.kind, x, y, request, spec.seed, spec.model, spec.t_star)
+    if request.kind in THROUGH_PURIFIER:  # can take a while: say so before it starts (one extra update)
+        yield view(RunView, gr.skip(), progress=f"Running the adaptive attack first: {request.cost(spec.steps)}")
+    corrupted = studio.corrupt(dataset, request.kind, x, y, request, spec.seed, spec.model, spec.t_star, spec.steps,
+                               spec.method)
     clean_probs = label_dict(dataset, studio.probs(dataset, x)[0])
     corrupted_probs = label_dict(dataset, studio.probs(dataset, corrupted.tensor)[0])
     interval = min(FRAME_INTERVAL, STREAM_BUDGET / (spec.steps + 1))
@@ -860,11 +866,12 @@ def example_selected(dataset, evt: gr.SelectData):
     return path, label_from_path(dataset, path) or UNKNOWN
 
 
-def kind_changed(corruption, eps, attack_steps, eot, surrogate) -> KindView:
-    attack = corruption in ("pgd_linf", "adaptive")
+def kind_changed(corruption, eps, attack_steps, eot, surrogate, steps=DEFAULT_STEPS) -> KindView:
+    attack = corruption == "pgd_linf" or corruption in THROUGH_PURIFIER
     return KindView(gr.update(visible=corruption == "gaussian"), gr.update(visible=corruption == "salt_pepper"),
-                    gr.update(visible=attack), gr.update(visible=corruption == "adaptive"),
-                    threat_text(corruption, eps, attack_steps, eot, surrogate))
+                    gr.update(visible=attack), gr.update(visible=corruption in THROUGH_PURIFIER),
+                    gr.update(visible=corruption == "adaptive"),
+                    threat_text(corruption, eps, attack_steps, eot, surrogate, steps))
 
 
 def stopped() -> str:
@@ -934,7 +941,7 @@ def settings_panel(ui) -> None:
     with gr.Group(visible=False) as ui.attack_box:
         ui.eps = gr.Slider(0, 0.5, strength["pgd_linf"], step=0.001, label="eps (L-inf, pixel units; 8/255 = 0.031)")
         ui.attack_steps = gr.Slider(1, limits.max_attack_steps, 10, step=1, label=(
-            f"Attack steps (adaptive: at most {limits.max_adaptive_steps})"))
+            f"Attack steps (through the purifier: at most {limits.max_adaptive_steps})"))
     with gr.Group(visible=False) as ui.adaptive_box:
         ui.eot = gr.Slider(1, limits.max_eot, 1, step=1, label="EOT samples")
         ui.surrogate = gr.Slider(1, limits.max_surrogate_steps, 2, step=1, label="Surrogate DDIM steps")
@@ -1092,9 +1099,9 @@ def wire_input(ui) -> None:
     ui.sketch.change(use_drawing, [ui.sketch, ui.drawn], [ui.image, ui.true_label, ui.drawn], api_name="use_drawing",
                      api_visibility="private", **light).success(
         prepare, [ui.dataset, ui.image], seen, api_name="prepare_drawing", api_visibility="private", **light)
-    kind_inputs = [ui.kind, ui.eps, ui.attack_steps, ui.eot, ui.surrogate]
+    kind_inputs = [ui.kind, ui.eps, ui.attack_steps, ui.eot, ui.surrogate, ui.steps]
     ui.kind.change(kind_changed, kind_inputs, outputs(ui, KindView), **private)
-    for c in (ui.eps, ui.attack_steps, ui.eot, ui.surrogate):
+    for c in (ui.eps, ui.attack_steps, ui.eot, ui.surrogate, ui.steps):
         c.release(threat_text, kind_inputs, ui.threat, **private)
     ui.t_star.change(noise_text, ui.t_star, ui.t_text, **private)
 

@@ -42,7 +42,8 @@ from .protocol import ADAPTIVE_T_STAR, CORRUPTIONS, DATASET_TITLES, PURIFIERS, T
 from .tt import count_parameters
 from .unet import UNet, preset
 
-APP_CORRUPTIONS = ("none", "gaussian", "salt_pepper", "pgd_linf", "adaptive")  # what the app offers
+APP_CORRUPTIONS = ("none", "gaussian", "salt_pepper", "pgd_linf", "adaptive", "exact")  # what the app offers
+THROUGH_PURIFIER = ("adaptive", "exact")  # attacks that differentiate through the chosen purifier
 DEFAULT_MODEL = "tt-r2"
 DEFAULT_T_STAR = T_STAR["mnist"]  # the app's first dataset's
 DEFAULT_STEPS = 10
@@ -90,7 +91,7 @@ class CorruptionSpec:
     def validated(self, limits: Limits = Limits()) -> "CorruptionSpec":
         if self.kind not in APP_CORRUPTIONS:
             raise ValueError(f"unknown corruption {self.kind!r}; choose one of {', '.join(APP_CORRUPTIONS)}")
-        max_steps = limits.max_adaptive_steps if self.kind == "adaptive" else limits.max_attack_steps
+        max_steps = limits.max_adaptive_steps if self.kind in THROUGH_PURIFIER else limits.max_attack_steps
         return replace(
             self,
             sigma=check_float("sigma", self.sigma, 0.0, 1.0),
@@ -104,16 +105,23 @@ class CorruptionSpec:
     def key(self) -> tuple:
         """Only the parameters this kind uses (so an unused slider never misses the cache)."""
         used = {"none": (), "gaussian": ("sigma",), "salt_pepper": ("p",), "pgd_linf": ("eps", "attack_steps"),
-                "adaptive": ("eps", "attack_steps", "eot", "surrogate_steps")}[self.kind]
+                "adaptive": ("eps", "attack_steps", "eot", "surrogate_steps"),
+                "exact": ("eps", "attack_steps", "eot")}[self.kind]
         return (self.kind,) + tuple(getattr(self, k) for k in used)
 
     @property
     def threat(self) -> str:
         return CORRUPTIONS[self.kind].threat
 
-    def cost(self) -> str:
+    def cost(self, purify_steps: int = 10) -> str:
+        """What the attack costs; ``purify_steps``: the reverse steps the exact attack goes through."""
         if self.kind == "pgd_linf":
             return f"{self.attack_steps} classifier forward/backward passes."
+        if self.kind == "exact":
+            n = self.attack_steps * self.eot * purify_steps
+            return (f"{self.attack_steps} PGD steps x {self.eot} EOT samples x {purify_steps} reverse steps of the "
+                    f"purifier, exact gradients = {n} network forward/backward passes (with recomputation: about "
+                    f"{4 * n} network calls; seconds to minutes on a CPU).")
         if self.kind == "adaptive":
             n = self.attack_steps * self.eot * (self.surrogate_steps + 1)
             return (f"{self.attack_steps} PGD steps x {self.eot} EOT samples x ({self.surrogate_steps} surrogate "
@@ -443,31 +451,35 @@ class Studio:
 
     def corrupt(self, dataset: str, kind: str, x: torch.Tensor, y: int | None = None,
                 params: Mapping[str, Any] | CorruptionSpec | None = None, seed: int = 0,
-                model: str = DEFAULT_MODEL, t_star: int | None = None) -> Corrupted:
+                model: str = DEFAULT_MODEL, t_star: int | None = None, steps: int = DEFAULT_STEPS,
+                method: str = DEFAULT_METHOD) -> Corrupted:
         """Apply a corruption (validated first); attacks push away from y (default: the prediction).
 
-        ``model`` and ``t_star`` (default: the dataset's) matter only to the adaptive attack, which
-        differentiates through that purifier diffused to that t*.
+        ``model`` and ``t_star`` (default: the dataset's) matter only to the attacks through the
+        purifier: the adaptive one differentiates through a few-step DDIM surrogate of that purifier
+        diffused to that t*, the exact one through its real ``steps`` of ``method``.
         """
         check_dataset(dataset)
         spec = params if isinstance(params, CorruptionSpec) else CorruptionSpec.from_params(kind, params)
         spec = replace(spec, kind=kind).validated(self.limits)
         seed = check_int("seed", seed, 0, self.limits.max_seed)
-        if spec.kind == "adaptive":
+        if spec.kind in THROUGH_PURIFIER:
             if model in CLASSICAL:
-                raise ValueError("the adaptive attack differentiates through a diffusion purifier; pick one, or "
-                                 "attack the classifier (PGD L-inf)")
+                raise ValueError("this attack differentiates through a diffusion purifier; pick one, or attack the "
+                                 "classifier (PGD L-inf)")
             parse_model_label(model)
             # An adaptive t* is attacked through the dataset's fixed t* (the surrogate's depth).
             t_star = T_STAR[dataset] if t_star in (None, "auto") else t_star
             t_star = check_int("t*", t_star, 1, self.num_timesteps)
+            steps = PurifySpec(model, t_star, steps, method, seed).validated(self.num_timesteps, self.limits).steps
+        through = (model, t_star, self._sha(checkpoint_name(dataset, model))) if spec.kind in THROUGH_PURIFIER else None
         key = ("corrupt", dataset, image_hash(x), y, spec.key(), seed,
-               (model, t_star, self._sha(checkpoint_name(dataset, model))) if spec.kind == "adaptive" else None,
-               self._sha(checkpoint_name(dataset, "classifier")) if spec.kind in ("pgd_linf", "adaptive") else None)
-        value, _ = self._cached(key, lambda: self._corrupt(dataset, spec, x, y, seed, model, t_star))
+               through + (steps, method) if spec.kind == "exact" else through,
+               self._sha(checkpoint_name(dataset, "classifier")) if not CORRUPTIONS[spec.kind].random else None)
+        value, _ = self._cached(key, lambda: self._corrupt(dataset, spec, x, y, seed, model, t_star, steps, method))
         return value
 
-    def _corrupt(self, dataset, spec, x, y, seed, model, t_star) -> Corrupted:
+    def _corrupt(self, dataset, spec, x, y, seed, model, t_star, steps=DEFAULT_STEPS, method=DEFAULT_METHOD) -> Corrupted:
         start = time.perf_counter()
         label_used = y
         if spec.kind == "none" or CORRUPTIONS[spec.kind].random:
@@ -480,6 +492,10 @@ class Studio:
             with self._attack_lock:  # (many requests run at once; attacks queue here, one per core's worth)
                 if spec.kind == "pgd_linf":
                     out = attacks.pgd_linf(classifier, x, yt, spec.eps, steps=spec.attack_steps, seed=seed)
+                elif spec.kind == "exact":
+                    out = attacks.pgd_eot_exact(classifier, self.purifier(dataset, model), self.diffusion, x, yt,
+                                                spec.eps, t_star, steps=spec.attack_steps, eot=spec.eot,
+                                                num_steps=steps, method=method, seed=seed)
                 else:
                     purifier = self.purifier(dataset, model)
                     out = attacks.pgd_eot_ddim_surrogate(
@@ -574,7 +590,8 @@ class Studio:
             yield hit.frames[-1], hit, True
             return
         start = time.perf_counter()
-        corrupted = self.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star)
+        corrupted = self.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star, spec.steps,
+                                 spec.method)
         probs_clean = self.probs(dataset, x)
         tracked = y if y is not None else int(probs_clean.argmax())
         spec, note = self.resolve_t_star(spec, corrupted.tensor)
@@ -607,7 +624,8 @@ class Studio:
 
     def _spread(self, dataset, x, y, corruption, spec, runs) -> Spread:
         start = time.perf_counter()
-        corrupted = self.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star)
+        corrupted = self.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star, spec.steps,
+                                 spec.method)
         tracked = y if y is not None else int(self.probs(dataset, x).argmax())
         batch = corrupted.tensor.expand(runs, -1, -1, -1).contiguous()
         if spec.model in CLASSICAL:
@@ -637,7 +655,8 @@ class Studio:
         for m in models or ():
             if m not in CLASSICAL:
                 parse_model_label(m)
-        corrupted = self.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star)
+        corrupted = self.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star, spec.steps,
+                                 spec.method)
         tracked = y if y is not None else int(self.probs(dataset, x).argmax())
         dense_params = self.dense_parameters(dataset)
         rows: list[CompareRow] = []

@@ -637,3 +637,25 @@ def test_an_input_unlike_the_dataset_gets_a_warning():
     _, message = app.prepare("mnist", str(ASSETS / "cifar10_3_0.png"))
     assert "**Warning:** This input looks unlike" in message
     assert "Warning" not in app.prepare("mnist", str(ASSETS / "mnist_3_0.png"))[1]
+
+
+@needs_mnist
+def test_the_apps_exact_attack_goes_through_the_purifiers_real_steps():
+    """The app's exact attack differentiates through the chosen purifier's own sampler and steps
+    (attacks.pgd_eot_exact), stays in the eps-ball, and is cached per purification setting."""
+    import app
+    studio = Studio()
+    x = prepare_image(ASSETS / "mnist_7_0.png", "mnist").tensor
+    spec = CorruptionSpec("exact", eps=0.1, attack_steps=2, eot=1)
+    out = studio.corrupt("mnist", "exact", x, 7, spec, seed=0, model="tt-r2", t_star=50, steps=3, method="ddim")
+    assert (out.tensor - x).abs().max() <= 0.1 + 1 / 255 and not torch.equal(out.tensor, x)
+    assert studio.corrupt("mnist", "exact", x, 7, spec, 0, "tt-r2", 50, 3, "ddim") is out  # cached
+    other = studio.corrupt("mnist", "exact", x, 7, spec, 0, "tt-r2", 50, 2, "ddim")  # fewer steps: another attack
+    assert other is not out
+    with pytest.raises(ValueError, match="diffusion purifier"):
+        studio.corrupt("mnist", "exact", x, 7, spec, 0, "median3", 50, 3, "ddim")
+    threat = app.threat_text("exact", 0.1, 2, 1, 2, 3)
+    assert "exactly through the defense" in threat and "2 PGD steps x 1 EOT samples x 3 reverse steps" in threat
+    updates = list(app.purify("mnist", str(ASSETS / "mnist_7_0.png"), "7", "exact", 0.2, 0.2, 0.1, 2, 1, 2, 0,
+                              "tt-r2", 50, "ddim", 3, False, 1))
+    assert updates[0].progress.startswith("Running the adaptive attack first") and updates[-1].progress.startswith("Done")

@@ -229,10 +229,11 @@ def test_sessions_kept_in_memory_are_bounded(app_url):
     holder = app.demo.state_holder
     capacity = holder.capacity
     holder.capacity = 3
+    before = len(holder.session_data)  # (earlier tests' sessions: Gradio evicts one per new access)
     try:
         for i in range(6):
             Client(app_url, verbose=False).predict("mnist", handle_file(str(ASSETS / f"mnist_{i}_0.png")),
                                                    api_name="/prepare")
-        assert len(holder.session_data) <= 3
+        assert len(holder.session_data) <= max(before, 3)  # six new sessions, no growth
     finally:
         holder.capacity = capacity
