@@ -623,11 +623,14 @@ def compare(dataset, image, true_label, corruption, sigma, p, eps, attack_steps,
     request, spec = _specs(corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps,
                            adaptive_t)
     x = _input(dataset, image).tensor
-    known = check_label(dataset, true_label) is not None
-    columns = _compare_columns(tracked(known))
+    y, request, spec = studio.validate_request(dataset, true_label, request, spec)
+    columns = _compare_columns(tracked(y is not None))
+    corrupted = studio.corrupt(dataset, request.kind, x, y, request, spec.seed, spec.model, spec.t_star, spec.steps,
+                               spec.method)  # (the same, cached, that every purifier gets)
+    refs = _reference_rows(dataset, x, corrupted.tensor, y, len(columns))
     models = studio.available_purifiers(dataset)  # fixed now: a checkpoint added meanwhile joins the next run
-    for rows in studio.compare(dataset, x, true_label, request, spec, models=models, runs=runs):
-        gallery, table = [], []
+    for rows in studio.compare(dataset, x, y, request, spec, models=models, runs=runs):
+        gallery, table = [g for g, _ in refs], [row for _, row in refs]
         for r in rows:
             if not r.available:
                 table.append([r.model, r.note] + [None] * (len(columns) - 2))
@@ -643,6 +646,19 @@ def compare(dataset, image, true_label, corruption, sigma, p, eps, attack_steps,
         last = len(rows) == len(models)  # the final update carries the table as a CSV file
         yield CompareView(gallery, frame, status,
                           csv_file(frame, f"tendiff_compare_{dataset}_seed{spec.seed}") if last else None)
+
+
+def _reference_rows(dataset, clean, corrupted, y, width) -> list[tuple]:
+    """The comparison's two references, (gallery item, table row) each: the clean input and the
+    corrupted one, classified with no purifier."""
+    out = []
+    for name, img in (("(clean input)", clean), ("(corrupted, no purifier)", corrupted)):
+        probs = studio.probs(dataset, img)[0]
+        (pred, conf), tracked_p = topk(dataset, probs, 1)[0], float(probs[y if y is not None else int(
+            studio.probs(dataset, clean)[0].argmax())])
+        out.append(((show(img, name.strip("()").split(",")[0]), f"{name}: {pred} ({conf:.0%})"),
+                    [name, pred, round(conf, 3), round(tracked_p, 3)] + [None] * (width - 4)))
+    return out
 
 
 def _tt_models(dataset) -> list[str]:

@@ -518,9 +518,12 @@ def test_api_takes_labels_of_the_requested_dataset(client):
 def test_compare_endpoint(client):
     gallery, table, status, csv = client.predict(*run_args(seed=3), "ddim", 5, api_name="/compare")
     expected = Studio().available_purifiers("mnist")
-    assert [row[0] for row in table["data"]] == expected and any(m in CLASSICAL for m in expected)
-    assert len(gallery) == len(expected) >= 2
-    for values in table["data"]:
+    refs = ["(clean input)", "(corrupted, no purifier)"]  # the references come first, no purifier
+    assert [row[0] for row in table["data"]] == refs + expected and any(m in CLASSICAL for m in expected)
+    assert len(gallery) == len(refs) + len(expected)
+    clean, noisy = (dict(zip(table["headers"], values)) for values in table["data"][:2])
+    assert clean["prediction"] == "7" and clean["parameters"] is None and 0 <= noisy["confidence"] <= 1
+    for values in table["data"][2:]:
         row = dict(zip(table["headers"], values))
         assert 0 <= row["confidence"] <= 1 and row["seconds"] > 0
         assert (row["parameters"] == 0) if row["model"] in CLASSICAL else (row["parameters"] > 0 and row["compression"] > 0)
@@ -530,7 +533,7 @@ def test_compare_endpoint(client):
     assert f"{len(expected)} purifier(s) done" in status
     import pandas as pd
     saved = pd.read_csv(csv)
-    assert list(saved["model"]) == expected and list(saved.columns) == table["headers"]
+    assert list(saved["model"]) == refs + expected and list(saved.columns) == table["headers"]
 
 
 @pytest.mark.slow
