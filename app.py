@@ -296,17 +296,19 @@ def png_file(img, name: str = "image") -> str:
     data = buf.getvalue()
     folder = tmp_dir() / "png" / hashlib.sha1(data).hexdigest()[:20]
     path = folder / f"{name}.png"
-    if not path.exists():
-        with _png_lock:
-            folder.mkdir(parents=True, exist_ok=True)
-            staging = folder / f".{name}.tmp"
-            staging.write_bytes(data)
-            staging.replace(path)
-            folders = list((tmp_dir() / "png").iterdir())
-            if len(folders) > MAX_PNG_FOLDERS:  # forget the oldest half
-                folders.sort(key=lambda f: f.stat().st_mtime)
-                for old in folders[: len(folders) // 2]:
-                    shutil.rmtree(old, ignore_errors=True)
+    with _png_lock:
+        if path.exists():
+            os.utime(folder)  # just used: the pruning below forgets the least recently used
+            return str(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = folder / f".{name}.tmp"
+        staging.write_bytes(data)
+        staging.replace(path)
+        folders = list((tmp_dir() / "png").iterdir())
+        if len(folders) > MAX_PNG_FOLDERS:  # forget the oldest half
+            folders.sort(key=lambda f: f.stat().st_mtime)
+            for old in folders[: len(folders) // 2]:
+                shutil.rmtree(old, ignore_errors=True)
     return str(path)
 
 
@@ -386,9 +388,23 @@ def attack_text(measures: dict) -> str:
             f"purified PSNR {m['psnr_purified']:.1f} dB, SSIM {m['ssim_purified']:.3f}")
 
 
-def _keep_newest(pattern: str, keep: int = MAX_GIFS) -> None:
-    for old in sorted(tmp_dir().glob(pattern), key=lambda f: f.stat().st_mtime)[:-keep]:
-        old.unlink(missing_ok=True)
+_files_lock = threading.Lock()
+
+
+def kept_file(path: Path, make, pattern: str, keep: int = MAX_GIFS) -> str:
+    """``path``, written from ``make()`` unless it exists, and marked as just used; of the files
+    matching ``pattern``, only the ``keep`` most recently used stay (concurrent requests: a file
+    about to be served is the newest, never the one pruned)."""
+    with _files_lock:
+        if path.exists():
+            os.utime(path)
+            return str(path)
+    data = make()  # (outside the lock: encoding takes a while)
+    with _files_lock:
+        _write(path, data)
+        for old in sorted(tmp_dir().glob(pattern), key=lambda f: f.stat().st_mtime)[:-keep]:
+            old.unlink(missing_ok=True)
+    return str(path)
 
 
 def _write(path: Path, data: bytes) -> str:
@@ -402,30 +418,24 @@ def _write(path: Path, data: bytes) -> str:
 def run_files(dataset, key, result, requested: PurifySpec, y, measures) -> tuple[str, str]:
     """The run's GIF and its ZIP (images, steps, GIF, run.json), written once per run and kept for a while."""
     tag = abs(hash(key))
-    gif = tmp_dir() / f"purification_{tag}.gif"
-    if not gif.exists():
-        _write(gif, gif_bytes(result.frames))
-        _keep_newest("purification_*.gif")
+    gif = Path(kept_file(tmp_dir() / f"purification_{tag}.gif", lambda: gif_bytes(result.frames), "purification_*.gif"))
     done = result.spec
-    archive = tmp_dir() / f"tendiff_{dataset}_{done.model}_{result.corrupted.spec.kind}_seed{done.seed}_{tag % 10 ** 8}.zip"
-    if not archive.exists():
+
+    def archive() -> bytes:
         names = [checkpoint_name(dataset, "classifier")] + ([] if done.model in CLASSICAL else
                                                              [checkpoint_name(dataset, done.model)])
         entries = studio.manifest_entries()
         record = run_record(result, requested, y, measures, {n: entries.get(n, {}).get("sha256") for n in names})
-        _write(archive, run_zip(result, record, gif.read_bytes(), display_scale(result.clean, DISPLAY)))
-        _keep_newest("tendiff_*.zip")
-    return str(gif), str(archive)
+        return run_zip(result, record, gif.read_bytes(), display_scale(result.clean, DISPLAY))
+
+    name = f"tendiff_{dataset}_{done.model}_{result.corrupted.spec.kind}_seed{done.seed}_{tag % 10 ** 8}.zip"
+    return str(gif), kept_file(tmp_dir() / name, archive, "tendiff_*.zip")
 
 
 def csv_file(table: pd.DataFrame, name: str) -> str:
     """A table as a CSV file named ``name`` (plus a short content hash), for download."""
     data = table.to_csv(index=False).encode()
-    path = tmp_dir() / f"{name}_{hashlib.sha1(data).hexdigest()[:8]}.csv"
-    if not path.exists():
-        _write(path, data)
-        _keep_newest("*.csv")
-    return str(path)
+    return kept_file(tmp_dir() / f"{name}_{hashlib.sha1(data).hexdigest()[:8]}.csv", lambda: data, "*.csv")
 
 
 def tracked(known: bool) -> str:
@@ -890,10 +900,11 @@ def kind_changed(corruption, eps, attack_steps, eot, surrogate, steps=DEFAULT_ST
                     threat_text(corruption, eps, attack_steps, eot, surrogate, steps))
 
 
-def stopped() -> str:
-    """Said after Stop, once the cancelled run's last queued update has arrived (it would overwrite this)."""
-    time.sleep(0.5)
-    return "Stopped: the run was cancelled at the step shown; change a setting or press Purify again."
+def stopped(progress: str | None = None) -> str:
+    """Said after Stop, with the step the run had reached (from the progress line it replaces)."""
+    reached = (progress or "").split(" · ")[0]
+    where = f" at {reached[0].lower()}{reached[1:]}" if reached.startswith("Step") else ""
+    return f"Stopped{where}: the run was cancelled; change a setting or press Purify again."
 
 
 API_DOC = "```python\n" + __doc__.split("::\n\n", 1)[1].split("\n\nThe inputs")[0].replace("\n    ", "\n").strip() + "\n```\n\n" \
@@ -1087,6 +1098,7 @@ def learn_tab(ui) -> None:
                 "tab's input, t* and seed).")
     ui.guide_btn = gr.Button("Run the guidance lesson", elem_id="guide-btn")
     ui.guide_gallery = gr.Gallery(label="No label / true label / wrong label", columns=3, height="auto", format="png",
+                                  elem_id="guide-gallery",
                                   object_fit="contain", allow_preview=False, elem_classes=["pixelated"])
     ui.guide_text = gr.Markdown(elem_id="guide-text", label="what the run showed")
 
@@ -1203,8 +1215,10 @@ def build_demo() -> gr.Blocks:
         cancels = wire_runs(ui, demo) + wire_learn(ui, demo)
         wire_evidence(ui, demo)
         for stop in (ui.stop_btn, ui.compare_stop):
+            # (after a pause: the cancelled run's last queued update would overwrite the message)
             stop.click(None, cancels=cancels, api_visibility="private", queue=False).then(
-                stopped, None, ui.progress, api_visibility="private", queue=False)
+                lambda: time.sleep(0.5), None, None, api_visibility="private", queue=False).then(
+                stopped, ui.progress, ui.progress, api_visibility="private", queue=False)
     demo.queue(default_concurrency_limit=1, max_size=32)
     return demo
 

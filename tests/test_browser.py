@@ -180,6 +180,16 @@ def test_a_click_streams_and_finishes(page):
     shot(page, "01_default_run")
 
 
+def test_no_caption_covers_its_image(page):
+    """Every picture's label sits above its image: the boxes do not overlap."""
+    page.click("button[role=tab]:has-text('Purify')")
+    for elem in ("input-image", "corrupted", "x-t", "pred-x0", "model-view", "strip", "spread-image", "perturbation"):
+        page.wait_for_selector(f"#{elem} img")
+        label = page.locator(f"#{elem} label[data-testid=block-label]").first.bounding_box()
+        image = page.locator(f"#{elem} img").first.bounding_box()
+        assert label["y"] + label["height"] <= image["y"] + 1, (elem, label, image)
+
+
 def test_pick_example(page):
     page.click("#examples button[aria-label='Thumbnail 4 of 20']")  # the first "3" (row 1: one per class)
     page.wait_for_function("document.querySelector('#true-label input').value === '3'")
@@ -257,7 +267,8 @@ def test_stop_button_cancels_a_long_run(page):
     page.click("#stop-btn")
     page.wait_for_function("document.querySelector('#progress').innerText.startsWith('Stopped')")  # says so
     time.sleep(3)
-    assert text(page, "#progress").startswith("Stopped"), "the run was not stopped"
+    line = text(page, "#progress")
+    assert re.match(r"Stopped at step \d+/100", line), line  # where it stopped, and no later step came
     # the app keeps working: a short run afterwards completes
     set_slider(page, "t-star", 100)
     set_slider(page, "steps", 10)
@@ -384,6 +395,14 @@ def test_learn_view(page):
     page.wait_for_selector("#schedule-plot img, #schedule-plot svg, #schedule-plot canvas")
     page.click("#guide-btn")
     page.wait_for_function("document.querySelector('#guide-text').innerText.match(/true label|Not trained yet/)")
+    guide = text(page, "#guide-text")
+    if "Not trained yet" not in guide:  # the text reports the run: each image's prediction as captioned
+        page.wait_for_selector("#guide-gallery img")
+        captions = page.locator("#guide-gallery .caption-label").all_inner_texts()
+        assert len(captions) == 3, captions
+        for caption in captions:  # "true label 6 -> 6 (99%)" and "- true label 6: purified image read as **6**"
+            name, read = re.match(r"(.+) -> (.+) \(\d+%\)", caption).groups()
+            assert f"{name}: purified image read as {read}" in guide, (caption, guide)
     shot(page, "07_learn")
 
 

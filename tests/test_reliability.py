@@ -237,3 +237,37 @@ def test_sessions_kept_in_memory_are_bounded(app_url):
         assert len(holder.session_data) <= max(before, 3)  # six new sessions, no growth
     finally:
         holder.capacity = capacity
+
+
+@pytest.mark.slow
+def test_sixty_purifications_from_twenty_clients(app_url):
+    """scripts/load_test.py: 20 clients x 3 purifications at once, every one served; the median
+    latency is printed (docs/performance.md has the figures; not asserted: machines differ)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "load_test.py"), app_url, "--clients", "20",
+                          "--per-client", "3"], capture_output=True, text=True, timeout=900)
+    print(out.stdout)
+    assert out.returncode == 0 and out.stdout.startswith("60 purifications from 20 clients"), out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_500_varied_requests(app_url):
+    """The server's RSS after 500 varied requests (10 clients in another process: uploads,
+    corruptions, attacks, purifications with every MNIST purifier, parameter plots) within 100 MiB
+    of its RSS after the first 50."""
+    import subprocess
+    import sys
+
+    def load(first: int, per_client: int) -> None:
+        out = subprocess.run([sys.executable, str(ROOT / "scripts" / "load_test.py"), app_url, "--varied", "--clients",
+                              "10", "--per-client", str(per_client), "--first", str(first)],
+                             capture_output=True, text=True, timeout=1200)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    load(0, 5)
+    first = rss_mib()
+    load(50, 45)
+    last = rss_mib()
+    print(f"server RSS after 50 requests {first:.0f} MiB, after 500 {last:.0f} MiB")
+    assert last - first < 100, (first, last)
