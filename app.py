@@ -998,15 +998,15 @@ def result_panel(ui) -> None:
     """The result beside the settings: corrupted, x_t, purified, and the three predictions."""
     with gr.Row():
         picture = dict(format="png", interactive=False, height=175, min_width=100, elem_classes=["captioned"])
-        ui.corrupted = gr.Image(label="Corrupted", elem_id="corrupted", **picture)
+        ui.corrupted = gr.Image(label="Corrupted image", elem_id="corrupted", **picture)
         ui.x_t = gr.Image(label="Diffused x_t", elem_id="x-t", **picture)
-        ui.purified = gr.Image(label="Purified", elem_id="pred-x0", **picture)
+        ui.purified = gr.Image(label="Purified image", elem_id="pred-x0", **picture)
     ui.progress = gr.Markdown(elem_id="progress", label="progress")
     with gr.Row():
         top3 = dict(num_top_classes=3, min_width=110)
-        ui.clean_top = gr.Label(label="Clean: top 3", elem_id="pred-clean", **top3)
-        ui.corrupted_top = gr.Label(label="Corrupted: top 3", elem_id="pred-corrupted", **top3)
-        ui.purified_top = gr.Label(label="Purified: top 3", elem_id="pred-purified", **top3)
+        ui.clean_top = gr.Label(label="Clean", elem_id="pred-clean", **top3)
+        ui.corrupted_top = gr.Label(label="Corrupted", elem_id="pred-corrupted", **top3)
+        ui.purified_top = gr.Label(label="Purified", elem_id="pred-purified", **top3)
     ui.spread = gr.Markdown(elem_id="spread", label="spread over runs")
     ui.evidence_line = gr.Markdown(elem_id="evidence-line", label="measured")
     ui.seen = gr.Image(label="What the model sees", format="png", interactive=False, height=150,
