@@ -661,13 +661,15 @@ def compare(dataset, image, true_label, corruption, sigma, p, eps, attack_steps,
 def _reference_rows(dataset, clean, corrupted, y, width) -> list[tuple]:
     """The comparison's two references, (gallery item, table row) each: the clean input and the
     corrupted one, classified with no purifier."""
+    clean_probs = studio.probs(dataset, clean)[0]
+    tracked_class = y if y is not None else int(clean_probs.argmax())
     out = []
-    for name, img in (("(clean input)", clean), ("(corrupted, no purifier)", corrupted)):
-        probs = studio.probs(dataset, img)[0]
-        (pred, conf), tracked_p = topk(dataset, probs, 1)[0], float(probs[y if y is not None else int(
-            studio.probs(dataset, clean)[0].argmax())])
-        out.append(((show(img, name.strip("()").split(",")[0]), f"{name}: {pred} ({conf:.0%})"),
-                    [name, pred, round(conf, 3), round(tracked_p, 3)] + [None] * (width - 4)))
+    for name, short, img, probs in (("(clean input)", "clean", clean, clean_probs),
+                                    ("(corrupted, no purifier)", "corrupted", corrupted,
+                                     studio.probs(dataset, corrupted)[0])):
+        pred, conf = topk(dataset, probs, 1)[0]
+        out.append(((show(img, short), f"{name}: {pred} ({conf:.0%})"),
+                    [name, pred, round(conf, 3), round(float(probs[tracked_class]), 3)] + [None] * (width - 4)))
     return out
 
 

@@ -11,6 +11,7 @@ reference made with other weights is not used).
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -34,8 +35,15 @@ def score(model, diffusion: GaussianDiffusion, x: torch.Tensor) -> torch.Tensor:
 
 
 def read_reference(path: Path) -> dict:
-    """dataset -> {threshold, quantile, n, sha256, ...} from a familiar.json (empty when absent)."""
-    return json.loads(Path(path).read_text())["datasets"] if Path(path).exists() else {}
+    """dataset -> {threshold, quantile, n, sha256, ...} from a familiar.json (empty when absent);
+    re-read only when the file changes (the app asks on every request)."""
+    path = Path(path)
+    return _read(path, path.stat().st_mtime_ns if path.exists() else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _read(path: Path, stamp: int | None) -> dict:
+    return json.loads(path.read_text())["datasets"] if stamp is not None else {}
 
 
 def verdict(value: float, reference: dict | None, sha256: str | None) -> str | None:
