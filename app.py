@@ -982,7 +982,8 @@ def settings_panel(ui) -> None:
     with gr.Row():
         ui.purify_btn = gr.Button("Purify", variant="primary", elem_id="purify-btn", scale=2)
         ui.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
-    ui.adaptive_t = gr.Checkbox(False, label="Adaptive t*: choose t* from the input's estimated noise",
+    ui.adaptive_t = gr.Checkbox(False, label="Adaptive t*: choose t* from the input's estimated noise, "
+                                "and count that noise toward t*'s",
                                 elem_id="adaptive-t")
     ui.t_text = gr.Markdown(noise_text(DEFAULT_T_STAR))
     with gr.Accordion("More settings: sampler, steps, seed", open=False, elem_id="more-settings"):

@@ -288,14 +288,15 @@ def t_star_figure(rows: Sequence[dict], corruption: str, current: str, t_star: i
                 color="#d62728" if mine else f"C{k}")
         for r in rows:
             if r["purifier"] == name and r.get("adaptive_factor") and r.get("median_t_star"):
-                ax.plot(r["median_t_star"][corruption], 100 * r["accuracy"][corruption], "*", ms=10,
-                        color="#d62728" if mine else f"C{k}")
+                ax.plot(r["median_t_star"][corruption], 100 * r["accuracy"][corruption], "*" if r.get("matched") else "x",
+                        ms=10 if r.get("matched") else 6, color="#d62728" if mine else f"C{k}")
     for r in rows:
         if r["purifier"] == "none":
             ax.axhline(100 * r["accuracy"][corruption], ls="--", color="0.45", label="no purifier")
     if t_star is not None:
         ax.axvline(t_star, color="0.3", lw=0.8)
-    ax.set_xlabel("t* (stars: the adaptive t*, at its median)"), ax.set_ylabel("accuracy (%)")
+    ax.set_xlabel("t* (adaptive t* at its median: * counts the input's noise, x adds the full noise)", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, loc="lower left")
     ax.set_title(title, fontsize=9)

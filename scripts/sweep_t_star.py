@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--purifiers", nargs="+", default=["dense", "tt-r2"])
     p.add_argument("--adaptive", type=float, nargs="*", default=[],
                    help="also the input-adaptive t* (tendiff.adaptive) with each of these factors")
+    p.add_argument("--noise", nargs="+", choices=("matched", "full"), default=["matched", "full"],
+                   help="adaptive rules: the input's noise counted toward t*'s (matched), or the full noise added")
     p.add_argument("--n", type=int, default=500, help="held-out images")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0, help="the seed of evaluate's image order")
@@ -54,8 +56,9 @@ def main() -> None:
 
     rows = []
 
-    def record(purifier, t_star, accs, factor=None):
+    def record(purifier, t_star, accs, factor=None, matched=None):
         rows.append({"dataset": args.dataset, "purifier": purifier, "t_star": t_star, "adaptive_factor": factor,
+                     "matched": matched,
                      "n": len(y), "steps": args.steps, "sha256": None if purifier == "none" else ckpt.sha256_file(
                          ckpt.checkpoint_dir() / ckpt.checkpoint_name(args.dataset, purifier)),
                      "accuracy": dict(zip(inputs, accs))})
@@ -73,13 +76,13 @@ def main() -> None:
             print(f"| {name} | {t_star} | " + " | ".join(f"{100 * a:.1f}" for a in accs)
                   + f" | {100 * sum(accs) / 3:.1f} |", flush=True)
             record(name, t_star, accs)
-        for factor in args.adaptive:
-            rule = AdaptiveTStar(factor=factor)
+        for factor, noise in ((f, n) for f in args.adaptive for n in args.noise):
+            rule = AdaptiveTStar(factor=factor, matched=noise == "matched")
             runs = [purify_adaptive(model, diffusion, v, rule, args.seed, num_steps=args.steps) for v in inputs.values()]
             accs = [accuracy(out) for out, _ in runs]
-            print(f"| {name} | adaptive x{factor:g} (median t* " + "/".join(str(int(t.median())) for _, t in runs)
+            print(f"| {name} | adaptive x{factor:g}, {noise} noise (median t* " + "/".join(str(int(t.median())) for _, t in runs)
                   + ") | " + " | ".join(f"{100 * a:.1f}" for a in accs) + f" | {100 * sum(accs) / 3:.1f} |", flush=True)
-            record(name, None, accs, factor)
+            record(name, None, accs, factor, rule.matched)
             rows[-1]["median_t_star"] = {kind: int(t.median()) for kind, (_, t) in zip(inputs, runs)}
     if args.out:
         write(args.out, rows, " ".join(["python", *sys.argv]))
@@ -87,9 +90,10 @@ def main() -> None:
 
 def write(path: Path, rows: list[dict], command: str) -> None:
     """Merge ``rows`` into the JSON file: a new row replaces the old one of the same dataset,
-    purifier, t* and adaptive factor; each row keeps the command and date that made it."""
+    purifier, t*, adaptive factor and rule; each row keeps the command and date that made it."""
     old = json.loads(path.read_text())["rows"] if path.exists() else []
-    key = lambda r: (r["dataset"], r["purifier"], r["t_star"], r["adaptive_factor"])  # noqa: E731
+    # (rows from before the matched rule added the full noise)
+    key = lambda r: (r["dataset"], r["purifier"], r["t_star"], r["adaptive_factor"], r.get("matched") or False)  # noqa: E731
     stamp = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     merged = {key(r): r for r in old} | {key(r): {**r, **stamp} for r in rows}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,11 @@ clean images detail; a shallow one leaves strong noise in. The rule here, per im
 where noise_std(t) is the Gaussian noise (pixel units) that diffusing to t amounts to. The
 factor is chosen on held-out images (scripts/sweep_t_star.py --adaptive); t_max is the deepest
 t the purifiers were trained on.
+
+``matched`` (the default): the input's estimated noise counts as part of t*'s noise, and the
+diffusion adds only what is missing, sqrt(1 - abar - abar (2 sigma_hat)^2) in model units
+(Carlini et al. 2023 treat a noisy input as x_t itself). Adding the full noise on top of the
+input's own leaves the model a noisier x_t than its t* (docs/t_star.md measures both).
 """
 from __future__ import annotations
 
@@ -27,28 +32,36 @@ class AdaptiveTStar:
     t_min: int = 10
     t_max: int = 400
     quantum: int = 10
+    matched: bool = True  # the input's own noise counts toward t*'s: only the rest is added
+
+    def input_noise(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What :func:`tendiff.diffusion.purify` takes as ``input_noise`` for x: the estimate
+        (differentiable in x), or None when the rule adds the full noise."""
+        return estimate_noise(x) if self.matched else None
 
     def choose(self, x: torch.Tensor, diffusion: GaussianDiffusion) -> torch.Tensor:
         """t* per image of the batch x (B, C, H, W) in [0, 1], as a (B,) integer tensor."""
         candidates = torch.arange(self.t_min, self.t_max + 1, self.quantum)
         stds = torch.tensor([diffusion.noise_std(int(t)) for t in candidates])
-        need = self.factor * estimate_noise(x)
+        need = self.factor * estimate_noise(x).detach()
         first = torch.searchsorted(stds, need.to(stds.dtype)).clamp(max=len(candidates) - 1)
         return candidates[first]
 
     def describe(self, sigma: float, t_star: int, diffusion: GaussianDiffusion) -> str:
         return (f"Adaptive t*: estimated input noise {sigma:.3f} (std of the image minus its 3x3 median); "
                 f"t* = {t_star}, the shallowest t whose diffusion noise ({diffusion.noise_std(t_star):.3f}) covers "
-                f"{self.factor:g} x the estimate (within {self.t_min}..{self.t_max}).")
+                f"{self.factor:g} x the estimate (within {self.t_min}..{self.t_max})"
+                + ("; the input's own noise counts toward it, so only the rest is added." if self.matched else "."))
 
 
 def purify_adaptive(model, diffusion: GaussianDiffusion, x: torch.Tensor, rule: AdaptiveTStar, seed: int = 0,
                     chunk: int = 250, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Purify each image at its own t* (images sharing a t* run as one batch); returns the
     purified batch and the t* of each image."""
-    t_stars = rule.choose(x, diffusion)
+    t_stars, noise = rule.choose(x, diffusion), rule.input_noise(x)
     out = torch.empty_like(x)
     for t in t_stars.unique().tolist():
         idx = (t_stars == t).nonzero().flatten()
-        out[idx] = purify_chunks(model, diffusion, x[idx], int(t), seed=seed * 1009 + int(t), chunk=chunk, **kwargs)
+        out[idx] = purify_chunks(model, diffusion, x[idx], int(t), seed=seed * 1009 + int(t), chunk=chunk,
+                                 input_noise=None if noise is None else noise[idx], **kwargs)
     return out, t_stars

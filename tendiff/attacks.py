@@ -127,25 +127,27 @@ def eot_seeds(seed: int, it: int, eot: int) -> list[int]:
 
 
 def purify_differentiable(purifier, diffusion: GaussianDiffusion, x: torch.Tensor, t_star: int, num_steps: int = 10,
-                          method: str = "ddim", seed: int = 0, checkpoint: bool = True) -> torch.Tensor:
+                          method: str = "ddim", seed: int = 0, checkpoint: bool = True,
+                          input_noise=None) -> torch.Tensor:
     """:func:`tendiff.diffusion.purify_batch` with autograd on: the same timesteps, sampler and
     random stream, so for a given seed it computes exactly what the defense computes, and
     gradients flow back to ``x``; ``checkpoint`` recomputes each reverse step in the backward
-    pass (memory of one step)."""
+    pass (memory of one step). ``input_noise``: a function of x giving the noise the defense
+    counts as already present (an adaptive rule's estimate), differentiated through too."""
     with torch.enable_grad():
         return purify_batch(purifier, diffusion, x, t_star, num_steps=num_steps, method=method, seed=seed,
-                            grad=True, checkpoint=checkpoint)
+                            grad=True, checkpoint=checkpoint, input_noise=input_noise and input_noise(x))
 
 
 def defense_loss_grad(classifier, purifier, diffusion: GaussianDiffusion, x: torch.Tensor, y: torch.Tensor,
                       t_star: int, num_steps: int, seeds, method: str = "ddim",
-                      checkpoint: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                      checkpoint: bool = True, input_noise=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The EOT loss the exact attack ascends, and its gradient with respect to x:
 
         L(x) = mean over s in ``seeds`` of  sum over the batch of CE(classifier(purify_s(x)), y)
 
     where purify_s is the defended pipeline with purification seed s
-    (:func:`purify_differentiable`). The draws run one after the other (memory of one draw);
+    (:func:`purify_differentiable`, with ``input_noise``). The draws run one after the other (memory of one draw);
     with fixed seeds L is a deterministic function of x. Returns (L, dL/dx), both detached.
     """
     seeds = [int(s) for s in seeds]
@@ -155,7 +157,8 @@ def defense_loss_grad(classifier, purifier, diffusion: GaussianDiffusion, x: tor
     loss_sum, grad_sum = torch.zeros((), dtype=x.dtype, device=x.device), torch.zeros_like(x)
     with torch.enable_grad():
         for s in seeds:
-            purified = purify_differentiable(purifier, diffusion, x, t_star, num_steps, method, s, checkpoint)
+            purified = purify_differentiable(purifier, diffusion, x, t_star, num_steps, method, s, checkpoint,
+                                             input_noise)
             loss = F.cross_entropy(classifier(purified), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, x)
             loss_sum += loss.detach()

@@ -78,11 +78,12 @@ def _unsqueeze(out: np.ndarray) -> np.ndarray:
 
 
 def estimate_noise(x: torch.Tensor) -> torch.Tensor:
-    """Per-image noise std, shape (B,): std of x - median3x3(x), mean over channels."""
-    a = _to_numpy(_check(x))
-    # scipy's 'mirror' is torch's 'reflect' padding (d c b | a b c d)
-    residual = a - ndimage.median_filter(a, size=(1, 1, 3, 3), mode="mirror")
-    return torch.from_numpy(residual.std(axis=(2, 3)).mean(axis=1)).to(x.dtype)
+    """Per-image noise std, shape (B,): std of x - median3x3(x) (reflect padding), mean over
+    channels. Torch, in double, so that an attack can differentiate through it."""
+    a = _check(x).double()
+    windows = torch.nn.functional.pad(a, (1, 1, 1, 1), mode="reflect").unfold(2, 3, 1).unfold(3, 3, 1)
+    residual = a - windows.flatten(-2).median(-1).values
+    return residual.std(dim=(2, 3), correction=0).mean(1).to(x.dtype)
 
 
 # ------------------------------------------------------------------- purifiers

@@ -95,10 +95,18 @@ class GaussianDiffusion:
         return t
 
     # ------------------------------------------------------------- forward
-    def q_sample(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps  (Ho et al. 2020, Eq. 4)."""
+    def q_sample(self, x0: torch.Tensor, t, noise: torch.Tensor, present=None) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps  (Ho et al. 2020, Eq. 4).
+
+        ``present`` (model units, one number or one per image): the std of noise x_0 already
+        carries, which counts toward t's noise; only the rest, sqrt(1 - abar_t - abar_t present^2),
+        is added (the "noisy input is already x_t" view of Carlini et al. 2023)."""
         a = self._abar(t, x0)
-        return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
+        if present is None:
+            return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
+        present = torch.as_tensor(present, dtype=x0.dtype, device=x0.device).reshape(-1, *[1] * (x0.ndim - 1))
+        rest = (1 - a - a * present ** 2).clamp_min(1e-12).sqrt()  # (not 0: sqrt's gradient there is inf)
+        return a ** 0.5 * x0 + rest * noise
 
     add_noise = q_sample  # the diffusers name
 
@@ -221,7 +229,7 @@ def _reverse_step(diffusion: GaussianDiffusion, model, x_t, t, s, method, eta, g
 def purify(model, diffusion: GaussianDiffusion, images: torch.Tensor, t_star: int, num_steps: int = 10,
            method: str = "ddim", seed: int | Sequence[int] = 0, label: torch.Tensor | None = None,
            guidance_scale: float = 0.0, eta: float = 0.0, grad: bool = False,
-           checkpoint: bool = False) -> Iterator[PurifyStep]:
+           checkpoint: bool = False, input_noise=None) -> Iterator[PurifyStep]:
     """Diffuse ``images`` (B, C, H, W in [0, 1]) to ``t_star`` and denoise back, yielding each step.
 
     Yields ``num_steps + 1`` :class:`PurifyStep` frames: the diffused input (index 0) and the
@@ -234,6 +242,8 @@ def purify(model, diffusion: GaussianDiffusion, images: torch.Tensor, t_star: in
     ``seed`` fixes both the forward noise and any ancestral noise; a sequence of seeds, one per
     image, gives each image its own noise stream, so that an image's result does not depend on the
     batch it ran in (image i equals a batch-1 run with seed[i]; the app batches concurrent requests).
+    ``input_noise`` (pixel units, one number or a (B,) tensor): noise the input already carries;
+    the diffusion adds only what is missing to reach t*'s noise (:meth:`GaussianDiffusion.q_sample`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -249,7 +259,8 @@ def purify(model, diffusion: GaussianDiffusion, images: torch.Tensor, t_star: in
         generator = torch.Generator().manual_seed(int(seed))
     with torch.inference_mode(not grad):
         x0 = images * 2 - 1
-        x_t = diffusion.q_sample(x0, ts[0], _randn_like(x0, generator))
+        present = None if input_noise is None else 2 * torch.as_tensor(input_noise)  # (a pixel is half a unit)
+        x_t = diffusion.q_sample(x0, ts[0], _randn_like(x0, generator), present)
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
         with torch.inference_mode(not grad):
             out = _reverse_step(diffusion, model, x_t, t, s, method, eta, generator, label, guidance_scale,
@@ -268,13 +279,16 @@ def purify_batch(model, diffusion: GaussianDiffusion, images: torch.Tensor, t_st
 
 
 def purify_chunks(model, diffusion: GaussianDiffusion, images: torch.Tensor, t_star: int, seed: int = 0,
-                  chunk: int = 250, labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+                  chunk: int = 250, labels: torch.Tensor | None = None, input_noise: torch.Tensor | None = None,
+                  **kwargs) -> torch.Tensor:
     """:func:`purify_batch` over a large set in chunks of ``chunk`` images; chunk i (its first
     image's index) draws its noise from seed ``seed * 7919 + i``, so a result does not depend on
-    how many images were purified with it. ``labels`` (per image) guide a conditional model."""
+    how many images were purified with it. ``labels`` (per image) guide a conditional model;
+    ``input_noise`` (per image) is :func:`purify`'s."""
     out = []
     for i in range(0, len(images), chunk):
         label = None if labels is None else labels[i:i + chunk]
+        noise = None if input_noise is None else input_noise[i:i + chunk]
         out.append(purify_batch(model, diffusion, images[i:i + chunk], t_star, seed=seed * 7919 + i, label=label,
-                                **kwargs))
+                                input_noise=noise, **kwargs))
     return torch.cat(out)

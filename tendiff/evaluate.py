@@ -5,7 +5,7 @@ Runs the matrix corruption x defense on a fixed, seeded subset of a test split a
 
 Defenses (:class:`Defense`, by name): ``none``; a diffusion checkpoint label (``dense``, ``tt-r2``,
 ``ttm-r4``, ``authors-r3``) and its variants ``<label>/one-step``, ``<label>/adaptive-t`` (t* per
-image, :mod:`tendiff.adaptive`), ``<label>/vote<K>`` (majority vote over K purifications,
+image from its estimated noise, which counts toward t*'s: :mod:`tendiff.adaptive`), ``<label>/vote<K>`` (majority vote over K purifications,
 :mod:`tendiff.defense`), ``dense-cond/guided`` (guidance with the true label: leaks it, no
 defense); and every classical purifier by its registry name (``median3``, ``tucker``, ...).
 
@@ -218,14 +218,16 @@ class Defense:
 
     def _grad_at_chosen_t(self, classifier, y, eot: int, seed: int):
         """The EOT gradient through the purification at the t* the defense picks for the current
-        input; the choice is piecewise constant in x, so no gradient flows through it."""
+        input (the choice is piecewise constant in x, so no gradient flows through it) and through
+        the noise estimate the defense subtracts from t*'s noise (differentiable)."""
         def grad(x_adv, it):
             t_stars = ADAPTIVE_T_STAR.choose(x_adv, self.diffusion)
             out = torch.zeros_like(x_adv)
             for t in t_stars.unique().tolist():
                 idx = (t_stars == t).nonzero().flatten()
                 out[idx] = attacks.defense_loss_grad(classifier, self.model, self.diffusion, x_adv[idx], y[idx], t,
-                                                     self.steps, attacks.eot_seeds(seed, it, eot), self.method)[1]
+                                                     self.steps, attacks.eot_seeds(seed, it, eot), self.method,
+                                                     input_noise=ADAPTIVE_T_STAR.input_noise)[1]
             return out
         return grad
 

@@ -146,6 +146,7 @@ class PurifySpec:
     steps: int = DEFAULT_STEPS
     method: str = DEFAULT_METHOD
     seed: int = 0
+    input_noise: float | None = None  # set with an "auto" t*: the input's own noise, counted toward t*'s
 
     def validated(self, num_timesteps: int, limits: Limits = Limits(), dataset: str | None = None) -> "PurifySpec":
         """This spec checked, with t* = ``T_STAR[dataset]`` where it was left None ("auto" stays:
@@ -306,6 +307,7 @@ def run_record(result: RunResult, requested: PurifySpec | None = None, true_labe
         "t_star_requested": t_requested,
         "adaptive_t_star": t_requested == "auto",
         "t_star_note": result.t_star_note,
+        "input_noise_counted": None if spec.input_noise is None else round(spec.input_noise, 6),
         "noise_std_at_t_star": None if spec.model in CLASSICAL else round(result.frames[0].noise_std, 6),
         "predictions": {"clean": _ranked(result.dataset, result.probs_clean),
                         "corrupted": _ranked(result.dataset, result.probs_corrupted),
@@ -537,12 +539,13 @@ class Studio:
         model = purifier if purifier is not None else self.purifier(dataset, spec.model)
         label = None if guide_label is None else torch.tensor([int(guide_label)])
         if label is None and purifier is None and len(x) == 1:  # concurrent requests share a batch
-            key = (dataset, spec.model, spec.t_star, spec.steps, spec.method)
+            key = (dataset, spec.model, spec.t_star, spec.steps, spec.method, spec.input_noise)
             steps = self.batcher.stream(key, x, [spec.seed], lambda images, seeds: purify(
-                model, self.diffusion, images, spec.t_star, num_steps=spec.steps, method=spec.method, seed=seeds))
+                model, self.diffusion, images, spec.t_star, num_steps=spec.steps, method=spec.method, seed=seeds,
+                input_noise=spec.input_noise))
         else:
             steps = purify(model, self.diffusion, x, spec.t_star, num_steps=spec.steps, method=spec.method,
-                           seed=spec.seed, label=label, guidance_scale=guidance_scale)
+                           seed=spec.seed, label=label, guidance_scale=guidance_scale, input_noise=spec.input_noise)
         for step in steps:
             yield frame(step.index, step.num_steps, step.t, step.x_t, step.pred_x0)
 
@@ -552,8 +555,9 @@ class Studio:
         if spec.t_star != "auto":
             return spec, ""
         t = int(ADAPTIVE_T_STAR.choose(x, self.diffusion)[0])
-        note = ADAPTIVE_T_STAR.describe(float(estimate_noise(x)[0]), t, self.diffusion)
-        return replace(spec, t_star=t, steps=min(spec.steps, t)), note
+        sigma = float(estimate_noise(x)[0])
+        note = ADAPTIVE_T_STAR.describe(sigma, t, self.diffusion)
+        return replace(spec, t_star=t, steps=min(spec.steps, t), input_noise=sigma if ADAPTIVE_T_STAR.matched else None), note
 
     # ------------------------------------------------------------ whole runs
     def run_key(self, dataset, x, y, corruption: CorruptionSpec, spec: PurifySpec) -> tuple:
@@ -634,7 +638,8 @@ class Studio:
             spec = self.resolve_t_star(spec, corrupted.tensor)[0]
             with torch.inference_mode():
                 purified = purify_batch(self.purifier(dataset, spec.model), self.diffusion, batch, spec.t_star,
-                                        num_steps=spec.steps, method=spec.method, seed=spec.seed)
+                                        num_steps=spec.steps, method=spec.method, seed=spec.seed,
+                                        input_noise=spec.input_noise)
         probs = self.probs(dataset, purified)
         predictions = probs.argmax(1)
         label, share = vote(predictions[:, None], probs.shape[1])

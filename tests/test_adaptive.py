@@ -1,8 +1,11 @@
+import numpy as np
+import pytest
 import torch
+from scipy import ndimage
 
 from tendiff.adaptive import AdaptiveTStar, purify_adaptive
 from tendiff.classical import estimate_noise
-from tendiff.diffusion import GaussianDiffusion
+from tendiff.diffusion import GaussianDiffusion, purify
 from tendiff.unet import UNet, UNetConfig
 
 
@@ -43,3 +46,36 @@ def test_purify_adaptive_runs_each_image_at_its_own_t_star():
     assert out.shape == x.shape and t[0] < t[1] and torch.equal(out, again)
     alone, _ = purify_adaptive(model, diffusion, x[1:], rule, seed=3, num_steps=2)
     assert torch.allclose(alone, out[1:], atol=1e-6)  # an image's result does not depend on its batch mates
+
+
+def test_noise_the_input_carries_is_not_added_twice():
+    diffusion, t = GaussianDiffusion(), 200
+    x = noisy(0.1, n=2)
+    model = UNet(UNetConfig(in_channels=1, image_size=28, channels=(8, 8), time_dim=8, groups=4)).eval()
+    start = lambda **kw: next(purify(model, diffusion, x, t, num_steps=2, seed=1, **kw)).x_t  # noqa: E731
+    a = float(diffusion.alphas_cumprod[t])
+    # Noise already at t*'s level: nothing is added, x_t is the scaled input.
+    covered = start(input_noise=torch.full((2,), diffusion.noise_std(t)))
+    torch.testing.assert_close(covered, (a ** 0.5 * (2 * x - 1) + 1) / 2, rtol=0, atol=2e-3)  # (float32: 1e-7 under a sqrt)
+    torch.testing.assert_close(start(input_noise=torch.zeros(2)), start())  # none carried: the textbook q_sample
+    half = start(input_noise=torch.tensor([0.0, diffusion.noise_std(t) / 2]))
+    added = (half - (a ** 0.5 * (2 * x - 1) + 1) / 2).flatten(1).std(1)
+    # Half of t*'s std (a quarter of its variance) carried: sqrt(3/4) of the full noise added.
+    assert added[1] == pytest.approx(added[0] * 0.75 ** 0.5, rel=0.1)
+    assert added[0] == pytest.approx((1 - a) ** 0.5 / 2, rel=0.1)
+
+
+def test_matched_rule_counts_the_estimate_and_the_plain_one_does_not():
+    x = noisy(0.2, n=3)
+    torch.testing.assert_close(AdaptiveTStar().input_noise(x), estimate_noise(x))
+    assert AdaptiveTStar(matched=False).input_noise(x) is None
+    assert "only the rest is added" in AdaptiveTStar().describe(0.2, 100, GaussianDiffusion())
+
+
+def test_noise_estimate_is_scipys_median_residual():
+    g = torch.Generator().manual_seed(4)
+    for shape in [(3, 1, 28, 28), (2, 3, 32, 32), (1, 1, 5, 7)]:
+        x = torch.rand(shape, generator=g)
+        a = x.double().numpy()
+        residual = a - ndimage.median_filter(a, size=(1, 1, 3, 3), mode="mirror")
+        np.testing.assert_allclose(estimate_noise(x).numpy(), residual.std(axis=(2, 3)).mean(axis=1), rtol=1e-6)

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from conftest import missing_checkpoints  # noqa: E402
-from tendiff.classical import CLASSICAL  # noqa: E402
+from tendiff.classical import CLASSICAL, estimate_noise  # noqa: E402
 from tendiff.inputs import prepare_image, quantize  # noqa: E402
 from tendiff.pipeline import CorruptionSpec, Limits, PurifySpec, Studio, check_label  # noqa: E402
 from tendiff.protocol import parse_model_label, purifier_title  # noqa: E402
@@ -303,6 +303,9 @@ def test_adaptive_t_star_follows_the_input_noise_and_says_why():
     assert light.spec.t_star < heavy.spec.t_star and light.frames[0].t == light.spec.t_star
     assert f"t* = {heavy.spec.t_star}" in heavy.t_star_note and "estimated input noise" in heavy.t_star_note
     assert light.spec.steps <= light.spec.t_star
+    # The input's own noise counts toward t*'s (the protocol's matched rule), and the run says so.
+    assert heavy.spec.input_noise == pytest.approx(float(estimate_noise(heavy.corrupted.tensor)[0]))
+    assert "only the rest is added" in heavy.t_star_note
 
 
 @pytest.mark.skipif(bool(missing_checkpoints("cifar10")), reason="CIFAR-10 checkpoints not trained yet")

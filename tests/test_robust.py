@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tendiff.adaptive import AdaptiveTStar
 from tendiff.attacks import defense_loss_grad, eot_seeds, pgd_eot_exact, purify_differentiable
 from tendiff.defense import majority_vote, resubmission_accuracy, vote, vote_seeds
 from tendiff.diffusion import GaussianDiffusion, purify_batch
@@ -65,6 +66,25 @@ def test_attack_gradient_matches_central_differences(method, conv):
     analytic = (grad * v).sum().item()
     assert abs(numeric) > 1e-3  # (a direction the loss really changes along)
     assert analytic == pytest.approx(numeric, rel=1e-5)
+
+
+def test_gradient_through_the_counted_input_noise_matches_central_differences():
+    """The matched adaptive defense subtracts its noise estimate (a median filter's residual)
+    from t*'s noise: the exact attack differentiates through that estimate too."""
+    model, clf = tiny_unet(), tiny_classifier()
+    x, y = toy_batch()
+    rule = AdaptiveTStar()
+
+    def run(z, checkpoint=False):
+        return defense_loss_grad(clf, model, DIFFUSION, z, y, T_STAR, 3, [4, 5], "ddim", checkpoint, rule.input_noise)
+
+    value, grad = run(x, checkpoint=True)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(8), dtype=x.dtype)
+    h = 1e-6
+    numeric = (run(x + h * v)[0].item() - run(x - h * v)[0].item()) / (2 * h)
+    assert abs(numeric) > 1e-3 and (grad * v).sum().item() == pytest.approx(numeric, rel=1e-5)
+    full_noise = defense_loss_grad(clf, model, DIFFUSION, x, y, T_STAR, 3, [4, 5], "ddim", False)[1]
+    assert not torch.allclose(grad, full_noise)  # counting the input's noise changes what is attacked
 
 
 @pytest.mark.parametrize("method", ["ddim", "ddpm"])
