@@ -797,9 +797,9 @@ def measured(dataset: str) -> tuple[dict, ...]:
 
 @functools.cache
 def swept(dataset: str) -> tuple[dict, ...]:
-    """The dataset's rows of the committed t* sweep."""
+    """The dataset's rows of the committed t* sweep made with the protocol's sampler."""
     rows = json.loads(T_STAR_SWEEP.read_text())["rows"] if T_STAR_SWEEP.exists() else []
-    return tuple(r for r in rows if r["dataset"] == dataset)
+    return tuple(r for r in rows if r["dataset"] == dataset and r.get("method", "ddim") == DEFAULT_METHOD)
 
 
 def _measured_cells(dataset: str, corruption: str) -> tuple[list[dict], list[dict], dict | None]:

@@ -38,7 +38,8 @@ def main() -> None:
     p.add_argument("--noise", nargs="+", choices=("matched", "full"), default=["matched", "full"],
                    help="adaptive rules: the input's noise counted toward t*'s (matched), or the full noise added")
     p.add_argument("--n", type=int, default=500, help="held-out images")
-    p.add_argument("--steps", type=int, default=10, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=10, help="reverse steps")
+    p.add_argument("--method", choices=("ddim", "ddpm"), default="ddim", help="sampler")
     p.add_argument("--seed", type=int, default=0, help="the seed of evaluate's image order")
     p.add_argument("--out", type=Path, help="record the rows in this JSON file (e.g. docs/t_star.json)")
     args = p.parse_args()
@@ -59,11 +60,11 @@ def main() -> None:
     def record(purifier, t_star, accs, factor=None, matched=None):
         rows.append({"dataset": args.dataset, "purifier": purifier, "t_star": t_star, "adaptive_factor": factor,
                      "matched": matched,
-                     "n": len(y), "steps": args.steps, "sha256": None if purifier == "none" else ckpt.sha256_file(
+                     "n": len(y), "steps": args.steps, "method": args.method, "sha256": None if purifier == "none" else ckpt.sha256_file(
                          ckpt.checkpoint_dir() / ckpt.checkpoint_name(args.dataset, purifier)),
                      "accuracy": dict(zip(inputs, accs))})
 
-    print(f"{args.dataset}: {len(y)} held-out test images, {args.steps} DDIM steps")
+    print(f"{args.dataset}: {len(y)} held-out test images, {args.steps} {args.method.upper()} steps")
     print("| purifier | t* | none | gaussian | salt_pepper | mean |\n|---|---|---|---|---|---|")
     accs = [accuracy(v) for v in inputs.values()]
     print("| none | - | " + " | ".join(f"{100 * a:.1f}" for a in accs) + f" | {100 * sum(accs) / 3:.1f} |")
@@ -71,14 +72,16 @@ def main() -> None:
     for name in args.purifiers:
         model = ckpt.load_model(ckpt.checkpoint_name(args.dataset, name))
         for t_star in args.t_star:
-            accs = [accuracy(purify_chunks(model, diffusion, v, t_star, args.seed, num_steps=args.steps))
+            accs = [accuracy(purify_chunks(model, diffusion, v, t_star, args.seed, num_steps=args.steps,
+                                                   method=args.method))
                     for v in inputs.values()]
             print(f"| {name} | {t_star} | " + " | ".join(f"{100 * a:.1f}" for a in accs)
                   + f" | {100 * sum(accs) / 3:.1f} |", flush=True)
             record(name, t_star, accs)
         for factor, noise in ((f, n) for f in args.adaptive for n in args.noise):
             rule = AdaptiveTStar(factor=factor, matched=noise == "matched")
-            runs = [purify_adaptive(model, diffusion, v, rule, args.seed, num_steps=args.steps) for v in inputs.values()]
+            runs = [purify_adaptive(model, diffusion, v, rule, args.seed, num_steps=args.steps, method=args.method)
+                    for v in inputs.values()]
             accs = [accuracy(out) for out, _ in runs]
             print(f"| {name} | adaptive x{factor:g}, {noise} noise (median t* " + "/".join(str(int(t.median())) for _, t in runs)
                   + ") | " + " | ".join(f"{100 * a:.1f}" for a in accs) + f" | {100 * sum(accs) / 3:.1f} |", flush=True)
@@ -90,10 +93,11 @@ def main() -> None:
 
 def write(path: Path, rows: list[dict], command: str) -> None:
     """Merge ``rows`` into the JSON file: a new row replaces the old one of the same dataset,
-    purifier, t*, adaptive factor and rule; each row keeps the command and date that made it."""
+    purifier, t*, adaptive factor, rule and sampler; each row keeps the command and date that made it."""
     old = json.loads(path.read_text())["rows"] if path.exists() else []
     # (rows from before the matched rule added the full noise)
-    key = lambda r: (r["dataset"], r["purifier"], r["t_star"], r["adaptive_factor"], r.get("matched") or False)  # noqa: E731
+    key = lambda r: (r["dataset"], r["purifier"], r["t_star"], r["adaptive_factor"], r.get("matched") or False,  # noqa: E731
+                     r.get("method", "ddim"))
     stamp = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     merged = {key(r): r for r in old} | {key(r): {**r, **stamp} for r in rows}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ Runs the matrix corruption x defense on a fixed, seeded subset of a test split a
 Defenses (:class:`Defense`, by name): ``none``; a diffusion checkpoint label (``dense``, ``tt-r2``,
 ``ttm-r4``, ``authors-r3``) and its variants ``<label>/one-step``, ``<label>/adaptive-t`` (t* per
 image from its estimated noise, which counts toward t*'s: :mod:`tendiff.adaptive`), ``<label>/vote<K>`` (majority vote over K purifications,
-:mod:`tendiff.defense`), ``dense-cond/guided`` (guidance with the true label: leaks it, no
+:mod:`tendiff.defense`; variants combine: ``dense/adaptive-t/vote8``), ``dense-cond/guided`` (guidance with the true label: leaks it, no
 defense); and every classical purifier by its registry name (``median3``, ``tucker``, ...).
 
 Threat models are written next to every column: *transfer* attacks are crafted on the bare
@@ -80,8 +80,8 @@ class EvalConfig:
     autoattack_version: str = cli.field("standard", "AutoAttack version", choices=("standard", "rand", "plus"))
     corruptions: tuple = cli.field(CORRUPTIONS, "columns", choices=CORRUPTIONS)
     purifiers: tuple = cli.field(PURIFIERS, "rows: none, a checkpoint label (dense, tt-r2, ...), <label>/one-step, "
-                                 "<label>/adaptive-t, <label>/vote<K>, dense-cond/guided, or a classical purifier: "
-                                 + ", ".join(CLASSICAL))
+                                 "<label>/adaptive-t, <label>/vote<K> (combined: <label>/adaptive-t/vote8), "
+                                 "dense-cond/guided, or a classical purifier: " + ", ".join(CLASSICAL))
     seed: int = cli.field(0, "seed of the image order, the noises and the attacks")
     batch_size: int = cli.field(250, "purification chunk")
     timing: bool = cli.field(True, "skip the per-purifier timings", flag="--no-timing")
@@ -243,17 +243,19 @@ def make_defense(name: str, cfg: EvalConfig, diffusion: GaussianDiffusion, label
         return Defense("none", "none")
     if name in CLASSICAL:
         return Defense(name, "classical") if classical.available(name) else None
-    base, _, variant = name.partition("/")
-    match = VARIANT.fullmatch(variant)
-    if variant and match is None:
-        raise ValueError(f"unknown variant {variant!r} of {name!r}: one-step, adaptive-t, guided or vote<K>")
+    base, *variants = name.split("/")  # e.g. dense/adaptive-t/vote8: variants combine
+    matches = [VARIANT.fullmatch(v) for v in variants]
+    kinds = [v.rstrip("0123456789") for v in variants]
+    if None in matches or len(set(kinds)) < len(kinds) or ("guided" in kinds and len(kinds) > 1):
+        raise ValueError(f"unknown variant in {name!r}: one-step, adaptive-t, guided or vote<K>, each at most "
+                         "once (guided alone)")
     file = ckpt.checkpoint_name(cfg.dataset, base)
     if file not in models:  # the variants of one checkpoint share its model
         models[file] = ckpt.load_model(file)
-    guided = variant == "guided"
+    guided = "guided" in kinds
     return Defense(name, "diffusion", models[file], file, diffusion, cfg.t_star, cfg.steps,
-                   "one-step" if variant == "one-step" else cfg.method, cfg.batch_size,
-                   votes=int(match[1]) if match and match[1] else 1, adaptive_t=variant == "adaptive-t",
+                   "one-step" if "one-step" in kinds else cfg.method, cfg.batch_size,
+                   votes=next((int(m[1]) for m in matches if m[1]), 1), adaptive_t="adaptive-t" in kinds,
                    guide_labels=labels if guided else None, guidance_scale=cfg.guidance_scale if guided else 0.0)
 
 
@@ -738,11 +740,33 @@ def read_results(path: Path) -> list[dict]:
     return results
 
 
-def merge_results(results: list[dict], out_dir: Path) -> list[dict]:
+def add_rows(new: dict, old: dict) -> dict:
+    """``new``'s rows added to ``old``'s (same dataset and settings but the purifiers): a purifier
+    measured again is replaced; both commands are kept."""
+    config = json.loads(json.dumps(new["config"]))  # (tuples as the stored lists)
+    same = [k for k in config if k != "purifiers" and config[k] != old["config"].get(k)]
+    if same:
+        raise ValueError(f"--add-rows: the settings differ from the {new['config']['dataset']} results already "
+                         f"there ({', '.join(same)}); run the whole dataset again instead")
+    purifiers = [p for p in old["config"]["purifiers"] if p not in new["config"]["purifiers"]]
+    keep = lambda rows: [r for r in rows if r["purifier"] in purifiers]  # noqa: E731
+    return {**new, "config": {**new["config"], "purifiers": purifiers + list(new["config"]["purifiers"])},
+            "cells": keep(old["cells"]) + new["cells"], "costs": keep(old["costs"]) + new["costs"],
+            "skipped": keep(old.get("skipped", [])) + new["skipped"],
+            "missing": sorted(set(old.get("missing", [])) - set(new["config"]["purifiers"]) | set(new["missing"])),
+            "command": f"{old['command']} ; {new['command']}", "date": f"{old['date']}; {new['date']}"}
+
+
+def merge_results(results: list[dict], out_dir: Path, rows: bool = False) -> list[dict]:
     """The new results plus those of other datasets already in out_dir/results.json (each keeps
-    the command and machine that made it), in dataset order."""
+    the command and machine that made it), in dataset order; with ``rows``, a dataset's new
+    purifier rows are added to its results there (:func:`add_rows`)."""
     path = out_dir / "results.json"
     old = read_results(path) if path.exists() else []
+    if rows:
+        before = {r["config"]["dataset"]: r for r in old}
+        results = [add_rows(r, before[r["config"]["dataset"]]) if r["config"]["dataset"] in before else r
+                   for r in results]
     fresh = {r["config"]["dataset"] for r in results}
     kept = [r for r in old if r["config"]["dataset"] not in fresh]
     order = {d: i for i, d in enumerate(DATASETS)}
@@ -776,6 +800,9 @@ def parse_args(argv=None):
                    help="print the README's summary table of an earlier run's results.json and exit")
     p.add_argument("--merge", action="store_true",
                    help="keep the other datasets' results already in --out (run datasets one at a time)")
+    p.add_argument("--add-rows", action="store_true",
+                   help="with --merge: add these purifiers' rows to the dataset's results already in --out "
+                        "(the same settings otherwise)")
     p.add_argument("--record-metrics", action="store_true",
                    help="also write the purified accuracies into checkpoints/manifest.json")
     return p.parse_args(argv)
@@ -822,8 +849,10 @@ def main(argv=None):
             record_metrics(result)
     if not results:
         raise SystemExit("nothing was evaluated: no classifier checkpoint for the chosen dataset(s)")
+    if args.add_rows and not args.merge:
+        raise SystemExit("--add-rows needs --merge")
     if args.merge:
-        results = merge_results(results, Path(args.out))
+        results = merge_results(results, Path(args.out), args.add_rows)
     write_outputs(results, Path(args.out), command)
     print((Path(args.out) / "results.md").read_text())
 

@@ -162,6 +162,28 @@ def test_merge_keeps_other_datasets_with_their_commands(tiny_world, capsys):
                                                            ["| cifar10", "none"], ["| cifar10", "dense"]]
 
 
+def test_add_rows_extends_a_dataset_and_refuses_other_settings(tiny_world, capsys):
+    out = tiny_world / "results"
+    args = ["--dataset", "mnist", "--n", "4", "--seeds", "1", "--t-star", "10", "--steps", "1", "--corruptions", "none",
+            "gaussian", "--no-timing", "--out", str(out)]
+    evaluate_main(args + ["--purifiers", "none", "dense"])
+    first = json.loads((out / "results.json").read_text())["results"][0]
+    evaluate_main(args + ["--purifiers", "dense/adaptive-t/vote2", "dense", "--merge", "--add-rows"])
+    (res,) = json.loads((out / "results.json").read_text())["results"]
+    assert res["config"]["purifiers"] == ["none", "dense/adaptive-t/vote2", "dense"]
+    assert sorted((c["corruption"], c["purifier"]) for c in res["cells"]) == sorted(
+        (c, p) for c in ("none", "gaussian") for p in ("none", "dense", "dense/adaptive-t/vote2"))
+    kept = {(c["corruption"], c["purifier"]): c for c in first["cells"]}
+    assert all(c == kept[(c["corruption"], "none")] for c in res["cells"] if c["purifier"] == "none")
+    assert res["command"].count("python -m tendiff.evaluate") == 2 and "--add-rows" in res["command"]
+    assert "dense/adaptive-t/vote2" in (out / "results.md").read_text()
+    with pytest.raises(ValueError, match="settings differ.*n"):
+        evaluate_main([*args[:2], "--n", "6", *args[4:], "--purifiers", "dense", "--merge", "--add-rows"])
+    with pytest.raises(ValueError, match="each at most once"):
+        evaluate_main(args + ["--purifiers", "dense/vote2/vote3"])
+    capsys.readouterr()
+
+
 def test_baseline_claims_compare_dense_with_the_best_classical_purifier():
     from tendiff.evaluate import baseline_claims
 
