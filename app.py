@@ -101,7 +101,8 @@ KNOWN, GUESSED = "true-class confidence", "confidence in the clean input's predi
 RMSE = "RMSE to the clean image"
 # The committed measurements the app shows beside a single run (written by tendiff.evaluate and
 # scripts/sweep_t_star.py; read once: they change only with a commit).
-MEASURED = (ROOT / "docs" / "results.json", ROOT / "docs" / "classical" / "results.json")
+# Committed evaluations, newest weights first: the campaign's noise columns, the full protocol, classical filters.
+MEASURED = tuple(ROOT / "docs" / d / "results.json" for d in ("noise", ".", "classical"))
 T_STAR_SWEEP = ROOT / "docs" / "t_star.json"
 CSS = """
 .pixelated img, img.pixelated, .gallery img, #input-image img { image-rendering: pixelated; }
