@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout, not installed
 
 from tendiff.checkpoints import manifest_table, read_manifest  # noqa: E402
+from tendiff.evaluate import read_results  # noqa: E402
 from tendiff.protocol import DATASET_TITLES, LADDER, PAPER_MAX_RANK, parse_model_label, purifier_title  # noqa: E402
+
+NOISES = ("none", "gaussian", "salt_pepper")
 
 
 def entries(manifest: dict, dataset: str) -> dict[str, dict]:
@@ -24,22 +27,41 @@ def entries(manifest: dict, dataset: str) -> dict[str, dict]:
             if name.startswith(prefix) and not name[len(prefix):].startswith("classifier")}
 
 
-def ladder_table(manifest: dict, dataset: str) -> list[str]:
+def accuracies(results: Path, manifest: dict, dataset: str) -> dict[str, str]:
+    """Purifier -> "clean / Gaussian / s&p" accuracy text from an evaluation's results.json, for
+    the checkpoints it measured that are still the committed ones (same sha256)."""
+    if not results.exists():
+        return {}
+    out = {}
+    for res in read_results(results):
+        if res["config"]["dataset"] != dataset:
+            continue
+        current = {c["purifier"] for c in res["costs"]
+                   if c.get("sha256") and c["sha256"] == manifest.get(c.get("file"), {}).get("sha256")}
+        cells = {(c["purifier"], c["corruption"]): c["accuracy"] for c in res["cells"]}
+        for name in current:
+            if all((name, k) in cells for k in NOISES):
+                out[name] = " / ".join(f"{100 * cells[(name, k)]:.1f}" for k in NOISES)
+    return out
+
+
+def ladder_table(manifest: dict, dataset: str, measured: dict[str, str]) -> list[str]:
     found = entries(manifest, dataset)
     dense = found.get("dense")
-    rows = ["| purifier | layout | rank | parameters | vs dense | steps | schedule | wall time | held-out loss | from | made by |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| purifier | layout | rank | parameters | vs dense | steps | schedule | wall time | held-out loss | "
+            "accuracy % clean / Gaussian / s&p | from | made by |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label in ("dense",) + LADDER:
         e = found.get(label)
         if e is None:
-            rows.append(f"| {purifier_title(label)} | | | | | not trained | | | | | |")
+            rows.append(f"| {purifier_title(label)} | | | | | not trained | | | | | | |")
             continue
         layout, rank = parse_model_label(label)
         loss = e.get("train_metrics", {}).get("heldout_eps_mse_first1000")
         ratio = f"{dense['parameters'] / e['parameters']:.1f}x fewer" if dense and label != "dense" else ""
         rows.append(f"| {purifier_title(label)} | {layout} | {rank or ''} | {e['parameters']:,} | {ratio} | {e['steps']} | "
                     f"{e.get('schedule', 'cosine')} | {e['wall_time_s'] / 60:.1f} min | "
-                    f"{'' if loss is None else f'{loss:.4f}'} | {e.get('init_from') or 'scratch'} | "
+                    f"{'' if loss is None else f'{loss:.4f}'} | {measured.get(label, '')} | {e.get('init_from') or 'scratch'} | "
                     f"{'the campaign' if 'heldout_curve' in e else 'before the campaign (docs/history.md)'} |")
     return rows
 
@@ -84,8 +106,12 @@ def main() -> None:
              f"Ranks above {PAPER_MAX_RANK} are beyond the paper's R <= {PAPER_MAX_RANK}. Rows made before the "
              "campaign (unequal budgets) say so in the last column; the held-out loss column is on the first 1000 "
              "test images, the curves on the last 1000.", ""]
+    lines += ["Accuracy: the classifier on the purified first 1000 test images at the dataset's fixed t*, 10 DDIM "
+              "steps, one purification per image (`docs/noise/results.md`, which names the command), for the "
+              "checkpoints that evaluation measured and that are still committed.", ""]
     for ds, title in DATASET_TITLES.items():
-        lines += [f"## {title}: the rank ladder", ""] + ladder_table(manifest, ds) + [""]
+        measured = accuracies(docs / "noise" / "results.json", manifest, ds)
+        lines += [f"## {title}: the rank ladder", ""] + ladder_table(manifest, ds, measured) + [""]
     if plot_curves(manifest, docs / "figures" / "loss_curves.png"):
         lines += ["## Held-out loss curves", "", "![loss curves](figures/loss_curves.png)", ""]
     lines += ["## Every checkpoint", "", manifest_table(), ""]
