@@ -39,11 +39,12 @@ class AdaptiveTStar:
         (differentiable in x), or None when the rule adds the full noise."""
         return estimate_noise(x) if self.matched else None
 
-    def choose(self, x: torch.Tensor, diffusion: GaussianDiffusion) -> torch.Tensor:
-        """t* per image of the batch x (B, C, H, W) in [0, 1], as a (B,) integer tensor."""
+    def choose(self, x: torch.Tensor, diffusion: GaussianDiffusion, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """t* per image of the batch x (B, C, H, W) in [0, 1], as a (B,) integer tensor
+        (``sigma``: x's noise estimate, when the caller has it already)."""
         candidates = torch.arange(self.t_min, self.t_max + 1, self.quantum)
         stds = torch.tensor([diffusion.noise_std(int(t)) for t in candidates])
-        need = self.factor * estimate_noise(x).detach()
+        need = self.factor * (estimate_noise(x) if sigma is None else sigma).detach()
         first = torch.searchsorted(stds, need.to(stds.dtype)).clamp(max=len(candidates) - 1)
         return candidates[first]
 
@@ -58,7 +59,8 @@ def purify_adaptive(model, diffusion: GaussianDiffusion, x: torch.Tensor, rule: 
                     chunk: int = 250, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Purify each image at its own t* (images sharing a t* run as one batch); returns the
     purified batch and the t* of each image."""
-    t_stars, noise = rule.choose(x, diffusion), rule.input_noise(x)
+    sigma = estimate_noise(x)
+    t_stars, noise = rule.choose(x, diffusion, sigma), sigma if rule.matched else None
     out = torch.empty_like(x)
     for t in t_stars.unique().tolist():
         idx = (t_stars == t).nonzero().flatten()

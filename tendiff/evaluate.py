@@ -5,9 +5,10 @@ Runs the matrix corruption x defense on a fixed, seeded subset of a test split a
 
 Defenses (:class:`Defense`, by name): ``none``; a diffusion checkpoint label (``dense``, ``tt-r2``,
 ``ttm-r4``, ``authors-r3``) and its variants ``<label>/one-step``, ``<label>/adaptive-t`` (t* per
-image from its estimated noise, which counts toward t*'s: :mod:`tendiff.adaptive`), ``<label>/vote<K>`` (majority vote over K purifications,
-:mod:`tendiff.defense`; variants combine: ``dense/adaptive-t/vote8``), ``dense-cond/guided`` (guidance with the true label: leaks it, no
-defense); and every classical purifier by its registry name (``median3``, ``tucker``, ...).
+image from its estimated noise, which counts toward t*'s: :mod:`tendiff.adaptive`),
+``<label>/vote<K>`` (majority vote over K purifications, :mod:`tendiff.defense`; variants
+combine: ``dense/adaptive-t/vote8``), ``dense-cond/guided`` (guidance with the true label: leaks
+it, no defense); and every classical purifier by its registry name (``median3``, ``tucker``, ...).
 
 Threat models are written next to every column: *transfer* attacks are crafted on the bare
 classifier and never see the purifier, so their numbers are not robustness against an attacker
@@ -744,10 +745,10 @@ def add_rows(new: dict, old: dict) -> dict:
     """``new``'s rows added to ``old``'s (same dataset and settings but the purifiers): a purifier
     measured again is replaced; both commands are kept."""
     config = json.loads(json.dumps(new["config"]))  # (tuples as the stored lists)
-    same = [k for k in config if k != "purifiers" and config[k] != old["config"].get(k)]
-    if same:
+    differ = [k for k in config if k != "purifiers" and config[k] != old["config"].get(k)]
+    if differ:
         raise ValueError(f"--add-rows: the settings differ from the {new['config']['dataset']} results already "
-                         f"there ({', '.join(same)}); run the whole dataset again instead")
+                         f"there ({', '.join(differ)}); run the whole dataset again instead")
     purifiers = [p for p in old["config"]["purifiers"] if p not in new["config"]["purifiers"]]
     keep = lambda rows: [r for r in rows if r["purifier"] in purifiers]  # noqa: E731
     return {**new, "config": {**new["config"], "purifiers": purifiers + list(new["config"]["purifiers"])},
@@ -832,6 +833,8 @@ def main(argv=None):
     if args.summarize:
         print(summary_markdown(read_results(Path(args.summarize))))
         return
+    if args.add_rows and not args.merge:  # (before any work)
+        raise SystemExit("--add-rows needs --merge")
     command = "python -m tendiff.evaluate " + " ".join(shlex.quote(a) for a in argv)
     tune_allocator()
     datasets = DATASETS if args.dataset == "all" else (args.dataset,)
@@ -849,8 +852,6 @@ def main(argv=None):
             record_metrics(result)
     if not results:
         raise SystemExit("nothing was evaluated: no classifier checkpoint for the chosen dataset(s)")
-    if args.add_rows and not args.merge:
-        raise SystemExit("--add-rows needs --merge")
     if args.merge:
         results = merge_results(results, Path(args.out), args.add_rows)
     write_outputs(results, Path(args.out), command)

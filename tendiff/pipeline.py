@@ -554,8 +554,8 @@ class Studio:
         rule's explanation; any other spec unchanged."""
         if spec.t_star != "auto":
             return spec, ""
-        t = int(ADAPTIVE_T_STAR.choose(x, self.diffusion)[0])
-        sigma = float(estimate_noise(x)[0])
+        estimate = estimate_noise(x)
+        t, sigma = int(ADAPTIVE_T_STAR.choose(x, self.diffusion, estimate)[0]), float(estimate[0])
         note = ADAPTIVE_T_STAR.describe(sigma, t, self.diffusion)
         return replace(spec, t_star=t, steps=min(spec.steps, t), input_noise=sigma if ADAPTIVE_T_STAR.matched else None), note
 
