@@ -25,16 +25,19 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import re
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import attacks, classical, cli
@@ -78,6 +81,11 @@ class EvalConfig:
     surrogate_steps: int = cli.field(2, "DDIM steps of the surrogate")
     exact_steps: int = cli.field(20, "PGD steps of the exact column (Lee & Kim's budget: 200 steps, --exact-eot 20)")
     exact_eot: int = cli.field(4, "EOT draws per step of the exact column")
+    attack_chunk: int = cli.field(50, "images per chunk of a per-defense attack (the chunk at image i is seeded "
+                                  "seed + i)")
+    attack_cache: str | None = cli.field(None, "folder keeping each finished chunk of a per-defense attack "
+                                         "(safetensors): a rerun with the same settings and weights resumes from "
+                                         "it, and the chunks' own crafting times are reported", type=str)
     autoattack_version: str = cli.field("standard", "AutoAttack version", choices=("standard", "rand", "plus"))
     corruptions: tuple = cli.field(CORRUPTIONS, "columns", choices=CORRUPTIONS)
     purifiers: tuple = cli.field(PURIFIERS, "rows: none, a checkpoint label (dense, tt-r2, ...), <label>/one-step, "
@@ -166,6 +174,14 @@ class Defense:
         if self.kind != "diffusion":
             return (self.name,)
         return self.file, self.method, self.adaptive_t, self.guide_labels is not None
+
+    @property
+    def identity(self) -> tuple:
+        """What an attack on this defense depends on (the weights by their hash): names a cached attack."""
+        if self.kind != "diffusion":
+            return (self.name,)
+        sha = ckpt.sha256_file(ckpt.checkpoint_dir() / self.file)
+        return self.file, sha, self.t_star, self.steps, self.method, self.adaptive_t, self.guide_labels is not None
 
     def purify(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         if self.kind == "none":
@@ -285,6 +301,19 @@ def evaluation_order(num_images: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
 
 
+# an attack chunk as --attack-cache keeps it
+def save_chunk(path: Path, images: torch.Tensor, seconds: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"images": images.contiguous()}, str(tmp), metadata={"seconds": repr(seconds)})
+    tmp.replace(path)  # (a chunk is either whole or absent)
+
+
+def load_chunk(path: Path) -> tuple[torch.Tensor, float]:
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor("images"), float(f.metadata()["seconds"])
+
+
 class Evaluation:
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
@@ -303,38 +332,72 @@ class Evaluation:
         return self.cfg.n_attack if corruption in ATTACKS else self.cfg.n
 
     # -- corruptions
-    def corrupt(self, corruption: str, defense: Defense | None = None) -> torch.Tensor:
-        """The corrupted images of a column (crafted against ``defense`` in the PER_DEFENSE columns)."""
+    def corrupt(self, corruption: str) -> torch.Tensor:
+        """The corrupted images of a column shared by every defense (random noise, transfer attacks)."""
         n = self.n_for(corruption)
         x, y = self.images[:n], self.labels[:n]
         s, seed, cfg = self.strength, self.cfg.seed, self.cfg
         if corruption == "none" or PROTOCOL[corruption].random:
             return corrupt(corruption, x, s.get(corruption), seed)
-        if corruption == "pgd_linf" or (corruption == "adaptive" and defense.kind == "none"):
-            eps = s["pgd_linf"]  # (no purifier: the adaptive attack is PGD on the classifier)
+        if corruption == "pgd_linf":
+            eps = s["pgd_linf"]
             return attacks.pgd_linf(self.classifier, x, y, eps, alpha=2.5 * eps / cfg.pgd_steps, steps=cfg.pgd_steps,
                                     seed=seed)
         if corruption == "autoattack_l2":
             return attacks.autoattack_l2(self.classifier, x, y, s["autoattack_l2"], cfg.autoattack_version, seed)
-        if corruption == "adaptive":
-            return self._chunked(x, y, lambda xs, ys, sd: attacks.pgd_eot_ddim_surrogate(
-                self.classifier, defense.model, self.diffusion, xs, ys, s["pgd_linf"], defense.t_star,
-                steps=cfg.adaptive_steps, eot=cfg.adaptive_eot, surrogate_steps=cfg.surrogate_steps, seed=sd))
-        if corruption == "exact":
-            return self._chunked(x, y, lambda xs, ys, sd: defense.exact_attack(
-                self.classifier, xs, ys, s["pgd_linf"], cfg.exact_steps, cfg.exact_eot, sd))
         raise ValueError(f"unknown corruption {corruption!r}")
 
-    def _chunked(self, x, y, attack, size: int = 50) -> torch.Tensor:
-        """attack(x, y, seed) over chunks of ``size`` images, the chunk at i seeded seed + i."""
-        return torch.cat([attack(x[i:i + size], y[i:i + size], self.cfg.seed + i) for i in range(0, len(x), size)])
+    def per_defense_attack(self, corruption: str, defense: Defense) -> tuple[torch.Tensor, float]:
+        """(the images of a PER_DEFENSE column crafted against ``defense``, the seconds crafting them took)."""
+        n, cfg, eps = self.n_for(corruption), self.cfg, self.strength["pgd_linf"]
+        x, y = self.images[:n], self.labels[:n]
+        if corruption == "adaptive" and defense.kind == "none":  # no purifier: PGD on the classifier
+            return timed(self.corrupt, "pgd_linf")
+        if corruption == "adaptive":
+            return self._chunked(x, y, lambda xs, ys, sd: attacks.pgd_eot_ddim_surrogate(
+                self.classifier, defense.model, self.diffusion, xs, ys, eps, defense.t_star,
+                steps=cfg.adaptive_steps, eot=cfg.adaptive_eot, surrogate_steps=cfg.surrogate_steps, seed=sd),
+                (corruption, defense.identity, eps, cfg.adaptive_steps, cfg.adaptive_eot, cfg.surrogate_steps))
+        if corruption == "exact":
+            return self._chunked(x, y, lambda xs, ys, sd: defense.exact_attack(
+                self.classifier, xs, ys, eps, cfg.exact_steps, cfg.exact_eot, sd),
+                (corruption, defense.identity, eps, cfg.exact_steps, cfg.exact_eot))
+        raise ValueError(f"{corruption!r} is not crafted per defense")
+
+    def _chunked(self, x, y, attack, settings: tuple) -> tuple[torch.Tensor, float]:
+        """attack(x, y, seed) over chunks of --attack-chunk images, the chunk at i seeded seed + i, and
+        the seconds it took; with --attack-cache each chunk is saved when done and found by a rerun."""
+        size, parts, seconds = self.cfg.attack_chunk, [], 0.0
+        for i in range(0, len(x), size):
+            xs, ys, sd = x[i:i + size], y[i:i + size], self.cfg.seed + i
+            path = self._chunk_file(settings, xs, ys, sd)
+            if path is not None and path.exists():
+                adv, took = load_chunk(path)
+            else:
+                adv, took = timed(attack, xs, ys, sd)
+                if path is not None:
+                    save_chunk(path, adv, took)
+                    print(f"[{settings[0]} / {settings[1][0]}] images {i}-{i + len(xs)} of {len(x)}: "
+                          f"{took:.0f} s, saved to {path}", flush=True)
+            parts.append(adv)
+            seconds += took
+        return torch.cat(parts), seconds
+
+    def _chunk_file(self, settings: tuple, xs: torch.Tensor, ys: torch.Tensor, seed: int) -> Path | None:
+        """Where --attack-cache keeps a chunk: named by a hash of everything the attack depends on."""
+        if self.cfg.attack_cache is None:
+            return None
+        h = hashlib.sha256(repr((self.cfg.dataset, settings, seed)).encode())
+        h.update(xs.contiguous().numpy().tobytes())
+        h.update(ys.contiguous().numpy().tobytes())
+        return Path(self.cfg.attack_cache) / f"{self.cfg.dataset}_{settings[0]}_{h.hexdigest()[:20]}.safetensors"
 
     def attack_for(self, corruption: str, defense: Defense) -> tuple[torch.Tensor, float, str]:
         """(the attack images a PER_DEFENSE cell is scored on, the seconds crafting them took, the
         defense they were crafted against: defenses with one attack_key share one attack)."""
         key = (corruption, *defense.attack_key)
         if key not in self.attacks:
-            self.attacks[key] = (*timed(self.corrupt, corruption, defense), defense.name)
+            self.attacks[key] = (*self.per_defense_attack(corruption, defense), defense.name)
         return self.attacks[key]
 
     # -- cells
@@ -745,7 +808,9 @@ def add_rows(new: dict, old: dict) -> dict:
     """``new``'s rows added to ``old``'s (same dataset and settings but the purifiers): a purifier
     measured again is replaced; both commands are kept."""
     config = json.loads(json.dumps(new["config"]))  # (tuples as the stored lists)
-    differ = [k for k in config if k != "purifiers" and config[k] != old["config"].get(k)]
+    default = {f.name: f.default for f in fields(EvalConfig)}  # (settings added since old was made)
+    differ = [k for k in config if k not in ("purifiers", "attack_cache")
+              and config[k] != old["config"].get(k, default.get(k))]
     if differ:
         raise ValueError(f"--add-rows: the settings differ from the {new['config']['dataset']} results already "
                          f"there ({', '.join(differ)}); run the whole dataset again instead")

@@ -104,6 +104,30 @@ def test_evaluation_end_to_end(tiny_world, capsys):
     assert "acc_gaussian_t20_ddim2" in manifest["checkpoints"]["mnist_tt-r2.safetensors"]["metrics"]
 
 
+def test_attack_cache_resumes_from_the_chunks_already_made(tiny_world, monkeypatch, capsys):
+    from tendiff import attacks
+    calls = []
+    real = attacks.pgd_eot_exact
+    monkeypatch.setattr(attacks, "pgd_eot_exact", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
+    out, cache = tiny_world / "results", tiny_world / "attacks"
+    args = ["--dataset", "mnist", "--n-attack", "5", "--seeds", "2", "--t-star", "20", "--steps", "2",
+            "--exact-steps", "2", "--exact-eot", "1", "--corruptions", "exact", "--purifiers", "dense",
+            "--no-timing", "--out", str(out), "--attack-chunk", "2", "--attack-cache", str(cache)]
+    evaluate_main(args)
+    first = json.loads((out / "results.json").read_text())["results"][0]["cells"][0]
+    chunks = sorted(cache.glob("mnist_exact_*.safetensors"))
+    assert calls == [2, 2, 1] and len(chunks) == 3
+    chunks[0].unlink()  # as if the run had stopped before its first chunk was saved
+    evaluate_main(args)
+    again = json.loads((out / "results.json").read_text())["results"][0]["cells"][0]
+    assert len(calls) == 4 and len(list(cache.glob("*.safetensors"))) == 3
+    assert again["accuracy_per_seed"] == first["accuracy_per_seed"]
+    assert again["attack_seconds"] > 0
+    evaluate_main([*args[:11], "3", *args[12:]])  # another budget: another attack
+    assert len(calls) == 7 and len(list(cache.glob("*.safetensors"))) == 6
+    capsys.readouterr()
+
+
 def test_vote_defense_votes_over_its_seeds(tiny_world):
     cfg = EvalConfig(t_star=20, steps=1, purifiers=("dense", "dense/vote3"))
     diffusion, x = GaussianDiffusion(), torch.rand(6, 1, 28, 28)
