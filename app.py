@@ -340,7 +340,10 @@ def _input(dataset, image):
 UNUSABLE_UPLOAD = "**This upload is not usable** (see the message). Upload another image or pick an example."
 
 
-def noise_text(t_star) -> str:
+def noise_text(t_star, adaptive_t: bool = False) -> str:
+    if adaptive_t:
+        return ("**Adaptive t\***: the slider is set aside; each input gets the t* its estimated noise calls for "
+                "(the rule and the t* chosen are shown after Purify).")
     try:
         t = int(t_star)
         return (f"t* = {t} of T = {studio.num_timesteps}: the input is diffused to noise std "
@@ -348,6 +351,11 @@ def noise_text(t_star) -> str:
                 + (f" — beyond the t <= {TRAINED_T} the purifiers were trained on." if t > TRAINED_T else "."))
     except Exception:
         return ""
+
+
+def adaptive_changed(t_star, adaptive_t: bool):
+    """The t* slider is idle while t* is chosen per input: greyed out, and its line says so."""
+    return gr.update(interactive=not adaptive_t), noise_text(t_star, adaptive_t)
 
 
 def model_choices(labels) -> list[tuple[str, str]]:
@@ -1135,7 +1143,8 @@ def wire_input(ui) -> None:
     ui.kind.change(kind_changed, kind_inputs, outputs(ui, KindView), **private)
     for c in (ui.eps, ui.attack_steps, ui.eot, ui.surrogate, ui.steps):
         c.release(threat_text, kind_inputs, ui.threat, **private)
-    ui.t_star.change(noise_text, ui.t_star, ui.t_text, **private)
+    ui.t_star.change(noise_text, [ui.t_star, ui.adaptive_t], ui.t_text, **private)
+    ui.adaptive_t.change(adaptive_changed, [ui.t_star, ui.adaptive_t], [ui.t_star, ui.t_text], **private)
 
 
 def run_inputs(ui) -> list:

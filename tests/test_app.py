@@ -293,6 +293,15 @@ def test_classical_purifier_runs_as_one_final_frame():
     assert "median3" in studio.available_purifiers("mnist") and "median3" not in studio.available_models("mnist")
 
 
+def test_the_t_star_slider_is_set_aside_while_t_star_is_adaptive():
+    import app
+    update, text = app.adaptive_changed(200, True)
+    assert update["interactive"] is False and "set aside" in text and "t* = 200" not in text
+    update, text = app.adaptive_changed(200, False)
+    assert update["interactive"] is True and text.startswith("t* = 200 of T")
+    assert app.noise_text(200, True) == app.adaptive_changed(50, True)[1]
+
+
 @needs_mnist
 def test_adaptive_t_star_follows_the_input_noise_and_says_why():
     studio = Studio()
