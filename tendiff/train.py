@@ -154,11 +154,11 @@ def conditional_from_unconditional(dense: UNet, num_classes: int) -> UNet:
 
 
 # -------------------------------------------------------------------- train
-def train(cfg: TrainConfig, command: str = "") -> dict:
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+def setup_device(cfg: TrainConfig) -> tuple[torch.device, int, int]:
+    """The device, this process's rank and the world size (torchrun sets RANK and WORLD_SIZE)."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if distributed:
+    if world > 1:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -167,192 +167,244 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
             torch.cuda.set_device(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed + rank)
-    g = torch.Generator().manual_seed(cfg.seed + rank)
+    return device, rank, world
 
-    out = Path(cfg.out) if cfg.out else ckpt.checkpoint_dir() / ckpt.checkpoint_name(cfg.dataset, cfg.label)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / out.stem
-    state_path = run_dir / "state.pt"
 
-    train_set = load_dataset(cfg.dataset, "train")
-    full_test = load_dataset(cfg.dataset, "test")
-    test_set = full_test.subset(1000)
-    # The loss curve and the stopping rule read the *last* 1000 test images, so that neither
-    # touches the first 1000 on which every accuracy is measured.
-    val_images = full_test.float_images(slice(max(0, len(full_test) - 1000), None))
-    images = train_set.images
-    labels = train_set.labels
-
-    diffusion = None
+def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, float]:
+    """The network to train (from scratch, TT-SVD of --init-from, or its conditional copy) and its
+    peak learning rate."""
     if cfg.what == "classifier":
-        model = build_classifier(cfg.dataset)
-        peak_lr = cfg.lr or 2e-3
+        return build_classifier(cfg.dataset), cfg.lr or 2e-3
+    if not cfg.init_from:
+        return UNet(preset(cfg.dataset, cfg.conv, cfg.rank, num_classes=10 if cfg.conditional else 0)), cfg.lr or 2e-3
+    dense = ckpt.load_checkpoint(cfg.init_from)
+    if cfg.conv != "dense":
+        model = unet_from_dense(dense, cfg.rank, cfg.conv)
+    elif cfg.conditional and dense.config.num_classes == 0:
+        model = conditional_from_unconditional(dense, 10)
     else:
-        diffusion = GaussianDiffusion(ScheduleConfig())
-        num_classes = 10 if cfg.conditional else 0
-        if cfg.init_from:
-            dense = ckpt.load_checkpoint(cfg.init_from)
-            if cfg.conv != "dense":
-                model = unet_from_dense(dense, cfg.rank, cfg.conv)
-            elif cfg.conditional and dense.config.num_classes == 0:
-                model = conditional_from_unconditional(dense, num_classes)
-            else:
-                model = dense
-        else:
-            model = UNet(preset(cfg.dataset, cfg.conv, cfg.rank, num_classes=num_classes))
-        if cfg.conditional and model.config.num_classes == 0:
-            raise SystemExit("--conditional with --init-from takes a dense checkpoint (TT conditional models are not offered)")
-        peak_lr = cfg.lr or (1e-3 if cfg.init_from else 2e-3)
-    model.to(device)
-    # Channels-last for dense convs, NCHW for TT chains: each trains faster that way
-    # (docs/performance.md, 'Why the code is shaped this way'); the state dict is the same.
-    tt_model = getattr(getattr(model, "config", None), "conv", "dense") != "dense"
-    memory_format = torch.contiguous_format if tt_model else torch.channels_last
-    model.to(memory_format=memory_format)
-    ema = copy.deepcopy(model).eval() if cfg.what == "purifier" else None
-    teacher = None
-    if cfg.distill_from:
-        if cfg.what != "purifier" or cfg.conditional:
-            raise SystemExit("--distill-from takes an unconditional purifier run")
-        teacher = ckpt.load_checkpoint(cfg.distill_from).to(device).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.0 if cfg.what == "purifier" else 5e-4)
-    step, elapsed = 0, 0.0
-    resumed_at = None
-    curve: list[tuple[int, float]] = []  # (step, held-out eps-MSE of the EMA weights)
-    schedule = "constant" if cfg.until_converged else "cosine"
+        model = dense
+    if cfg.conditional and model.config.num_classes == 0:
+        raise SystemExit("--conditional with --init-from takes a dense checkpoint (TT conditional models are not offered)")
+    return model, cfg.lr or 1e-3
+
+
+def check_options(cfg: TrainConfig) -> None:
+    """Refuse option combinations that cannot work, before any work."""
     if cfg.until_converged and cfg.what != "purifier":
         raise SystemExit("--until-converged is for purifiers (it reads the held-out denoising loss)")
-    if cfg.resume and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        step, elapsed = state["step"], state["elapsed"]
-        curve = [(int(a), float(b)) for a, b in state.get("curve", [])]
-        resumed_at = step
-        g.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if rank == 0:
-            print(f"resumed {state_path} at step {step} ({elapsed / 60:.1f} min done)")
-    net = model
-    if distributed:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.distill_from and (cfg.what != "purifier" or cfg.conditional):
+        raise SystemExit("--distill-from takes an unconditional purifier run")
 
-    def save_state():
-        if rank != 0:
+
+class Trainer:
+    """One run: the model, its optimiser and EMA, the data, the random stream, and the state that
+    ``--resume`` restores (:meth:`save` / :meth:`load`)."""
+
+    def __init__(self, cfg: TrainConfig):
+        check_options(cfg)
+        self.cfg = cfg
+        self.device, self.rank, self.world = setup_device(cfg)
+        torch.manual_seed(cfg.seed + self.rank)
+        self.g = torch.Generator().manual_seed(cfg.seed + self.rank)
+        self.out = Path(cfg.out) if cfg.out else ckpt.checkpoint_dir() / ckpt.checkpoint_name(cfg.dataset, cfg.label)
+        self.state_path = (Path(cfg.run_dir) if cfg.run_dir else Path("runs") / self.out.stem) / "state.pt"
+        self.train_set = load_dataset(cfg.dataset, "train")
+        full_test = load_dataset(cfg.dataset, "test")
+        self.test_set = full_test.subset(1000)
+        # The loss curve and the stopping rule read the *last* 1000 test images, so that neither
+        # touches the first 1000 on which every accuracy is measured.
+        self.val_images = full_test.float_images(slice(max(0, len(full_test) - 1000), None))
+        self.diffusion = GaussianDiffusion(ScheduleConfig()) if cfg.what == "purifier" else None
+        self.model, self.peak_lr = build_model(cfg)
+        self.model.to(self.device)
+        # Channels-last for dense convs, NCHW for TT chains: each trains faster that way
+        # (docs/performance.md, 'Why the code is shaped this way'); the state dict is the same.
+        tt_model = getattr(getattr(self.model, "config", None), "conv", "dense") != "dense"
+        self.memory_format = torch.contiguous_format if tt_model else torch.channels_last
+        self.model.to(memory_format=self.memory_format)
+        self.ema = copy.deepcopy(self.model).eval() if cfg.what == "purifier" else None
+        self.teacher = (ckpt.load_checkpoint(cfg.distill_from).to(self.device).eval().requires_grad_(False)
+                        if cfg.distill_from else None)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.peak_lr,
+                                     weight_decay=0.0 if cfg.what == "purifier" else 5e-4)
+        self.step, self.elapsed, self.resumed_at = 0, 0.0, None
+        self.curve: list[tuple[int, float]] = []  # (step, held-out eps-MSE of the EMA weights)
+        self.schedule = "constant" if cfg.until_converged else "cosine"
+        self.warmup = min(50 if cfg.init_from else 200, cfg.steps // 10)
+        self.net = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    # -- state
+    def save(self) -> None:
+        if self.rank != 0:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
-                 "generator": g.get_state(), "torch_rng": torch.get_rng_state(), "curve": curve}
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        torch.save(state, run_dir / "state.tmp")
-        (run_dir / "state.tmp").replace(state_path)
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+                 "elapsed": self.elapsed, "generator": self.g.get_state(), "torch_rng": torch.get_rng_state(),
+                 "curve": self.curve}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        tmp = self.state_path.with_name("state.tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.state_path)
 
-    warmup = min(200, cfg.steps // 10) if not cfg.init_from else min(50, cfg.steps // 10)
-    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0, desc=f"{cfg.dataset} {cfg.label}")
-    t_start = time.perf_counter() - elapsed
-    seen_since, t_since = 0, time.perf_counter()
-    loss_avg = None
-    model.train()
-    try:
-        while step < cfg.steps:
-            if cfg.minutes is not None and time.perf_counter() - t_start > cfg.minutes * 60:
-                if rank == 0:
-                    print(f"time budget of {cfg.minutes} min reached at step {step}")
-                break
-            idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
-            x = images[idx].float() / 255.0
-            y = labels[idx]
-            x = augment(x, cfg.dataset, g) if (cfg.what == "classifier" or cfg.dataset == "cifar10") else x
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg.steps, peak_lr, warmup, schedule)
-            if cfg.what == "classifier":
-                loss = F.cross_entropy(net(x.contiguous(memory_format=memory_format)), y, label_smoothing=0.1 if cfg.dataset == "cifar10" else 0.0)
-            else:
-                x0 = x * 2 - 1
-                t = torch.randint(1, cfg.t_max + 1, (len(x0),), generator=g).to(device)
-                noise = torch.randn(x0.shape, generator=g).to(device)
-                cond = None
-                if model.config.num_classes:
-                    drop = torch.rand(len(y), generator=g).to(device) < 0.15
-                    cond = torch.where(drop, torch.full_like(y, model.null_label), y)
-                x_t = diffusion.q_sample(x0, t, noise).contiguous(memory_format=memory_format)
-                target = noise
-                if teacher is not None:
-                    with torch.no_grad():
-                        target = teacher(x_t, t)
-                loss = F.mse_loss(net(x_t, t, cond), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            if ema is not None:
-                decay = min(cfg.ema, (1 + step) / (10 + step))
-                with torch.no_grad():
-                    for pe, pm in zip(ema.parameters(), model.parameters()):
-                        pe.lerp_(pm, 1 - decay)
-            step += 1
-            seen_since += len(x) * world
-            loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-            if step % 20 == 0 and rank == 0:
-                now = time.perf_counter()
-                bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{seen_since / (now - t_since):.0f}", refresh=False)
-                seen_since, t_since = 0, now
-            bar.update(1)
-            if ema is not None and cfg.eval_every and step % cfg.eval_every == 0:
-                curve.append((step, round(heldout_denoising_loss(ema, diffusion, val_images, cfg.t_max), 6)))
-                bar.write(f"step {step}: held-out loss {curve[-1][1]:.5f}")
-                if cfg.until_converged and converged(curve, cfg.converge_tol, cfg.min_steps):
-                    bar.write(f"converged at step {step}: under {cfg.converge_tol:.0%} better over the last quarter")
+    def load(self) -> None:
+        state = torch.load(self.state_path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        self.curve = [(int(a), float(b)) for a, b in state.get("curve", [])]
+        self.resumed_at = self.step
+        self.g.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.rank == 0:
+            print(f"resumed {self.state_path} at step {self.step} ({self.elapsed / 60:.1f} min done)")
+
+    # -- one step
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, data = self.cfg, self.train_set
+        idx = torch.randint(0, len(data.images), (cfg.batch_size,), generator=self.g)
+        x, y = data.images[idx].float() / 255.0, data.labels[idx]
+        if cfg.what == "classifier" or cfg.dataset == "cifar10":
+            x = augment(x, cfg.dataset, self.g)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (classifier), or the eps-prediction MSE at a random t <= t_max (purifier;
+        the target is the teacher's estimate when distilling)."""
+        if self.cfg.what == "classifier":
+            return F.cross_entropy(self.net(x.contiguous(memory_format=self.memory_format)), y,
+                                   label_smoothing=0.1 if self.cfg.dataset == "cifar10" else 0.0)
+        x0, g, device = x * 2 - 1, self.g, self.device
+        t = torch.randint(1, self.cfg.t_max + 1, (len(x0),), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        cond = None
+        if self.model.config.num_classes:  # label dropout for classifier-free guidance
+            drop = torch.rand(len(y), generator=g).to(device) < 0.15
+            cond = torch.where(drop, torch.full_like(y, self.model.null_label), y)
+        x_t = self.diffusion.q_sample(x0, t, noise).contiguous(memory_format=self.memory_format)
+        target = noise
+        if self.teacher is not None:
+            with torch.no_grad():
+                target = self.teacher(x_t, t)
+        return F.mse_loss(self.net(x_t, t, cond), target)
+
+    def update(self) -> float:
+        """One optimiser step (and the EMA's); returns the batch loss."""
+        x, y = self.batch()
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, self.cfg.steps, self.peak_lr, self.warmup, self.schedule)
+        loss = self.loss(x, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        if self.ema is not None:
+            decay = min(self.cfg.ema, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+                    pe.lerp_(pm, 1 - decay)
+        self.step += 1
+        return loss.item()
+
+    def evaluate_heldout(self) -> bool:
+        """Append the EMA's held-out loss to the curve; True when --until-converged says stop."""
+        cfg = self.cfg
+        self.curve.append((self.step, round(heldout_denoising_loss(self.ema, self.diffusion, self.val_images,
+                                                                   cfg.t_max), 6)))
+        tqdm.write(f"step {self.step}: held-out loss {self.curve[-1][1]:.5f}")
+        if cfg.until_converged and converged(self.curve, cfg.converge_tol, cfg.min_steps):
+            tqdm.write(f"converged at step {self.step}: under {cfg.converge_tol:.0%} better over the last quarter")
+            return True
+        return False
+
+    # -- the loop
+    def run(self) -> None:
+        """Train to --steps (or convergence, or --minutes), saving the state every --save-every
+        steps and on Ctrl-C / SIGTERM."""
+        cfg, lead = self.cfg, self.rank == 0
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not lead, dynamic_ncols=True,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0, desc=f"{cfg.dataset} {cfg.label}")
+        t_start = time.perf_counter() - self.elapsed
+        seen_since, t_since, loss_avg = 0, time.perf_counter(), None
+        self.model.train()
+        try:
+            while self.step < cfg.steps:
+                if cfg.minutes is not None and time.perf_counter() - t_start > cfg.minutes * 60:
+                    if lead:
+                        print(f"time budget of {cfg.minutes} min reached at step {self.step}")
                     break
-            elapsed = time.perf_counter() - t_start
-            if step % cfg.save_every == 0:
-                save_state()
-    except KeyboardInterrupt:
-        if rank == 0:
-            print(f"interrupted at step {step}; state saved, continue with --resume")
-        elapsed = time.perf_counter() - t_start
-        save_state()
-        raise
-    bar.close()
-    elapsed = time.perf_counter() - t_start
-    save_state()
-    if distributed:
-        torch.distributed.destroy_process_group()
-    if rank != 0:
-        return {}
+                loss = self.update()
+                seen_since += cfg.batch_size * self.world
+                loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
+                if self.step % 20 == 0 and lead:
+                    now = time.perf_counter()
+                    bar.set_postfix(loss=f"{loss_avg:.4f}", img_s=f"{seen_since / (now - t_since):.0f}", refresh=False)
+                    seen_since, t_since = 0, now
+                bar.update(1)
+                if self.ema is not None and cfg.eval_every and self.step % cfg.eval_every == 0 and self.evaluate_heldout():
+                    break
+                self.elapsed = time.perf_counter() - t_start
+                if self.step % cfg.save_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            if lead:
+                print(f"interrupted at step {self.step}; state saved, continue with --resume")
+            self.elapsed = time.perf_counter() - t_start
+            self.save()
+            raise
+        bar.close()
+        self.elapsed = time.perf_counter() - t_start
+        self.save()
 
-    final = (ema if ema is not None else model).cpu().eval().to(memory_format=torch.contiguous_format)
-    metrics = {}
-    test_images = test_set.float_images()
-    if cfg.what == "classifier":
-        probs = predict(final, test_images)
-        metrics["clean_accuracy_first1000"] = round((probs.argmax(1) == test_set.labels).float().mean().item(), 4)
-    else:
-        metrics["heldout_eps_mse_first1000"] = round(heldout_denoising_loss(final, diffusion, test_images, cfg.t_max), 5)
-    record = {
-        "command": command,
-        "seed": cfg.seed, "steps": step, "batch_size": cfg.batch_size * world,
-        "wall_time_s": round(elapsed, 1), "hardware": machine(), "torch": torch.__version__,
-        "t_max": cfg.t_max if cfg.what == "purifier" else None,
-        "init_from": Path(cfg.init_from).name if cfg.init_from else None,
-        "distill_from": Path(cfg.distill_from).name if cfg.distill_from else None,
-        "resumed_at_step": resumed_at,  # the command continued a run saved in --run-dir at this step
-        "train_metrics": metrics,
-        "schedule": schedule,
-        "converged": converged(curve, cfg.converge_tol, cfg.min_steps) if cfg.until_converged else None,
-        "heldout_curve": curve,  # (step, eps-MSE on the last 1000 test images), EMA weights
-    }
-    ckpt.save_checkpoint(final, out, extra={k: record[k] for k in ("command", "seed", "steps", "t_max")})
-    if cfg.manifest:
-        ckpt.update_manifest(out, final, record)
-    print(f"saved {out} ({sum(p.numel() for p in final.parameters())} params) after {step} steps, "
-          f"{elapsed / 60:.1f} min: {metrics}")
-    return record
+    # -- the result
+    def finish(self, command: str) -> dict:
+        """Write the final weights (the EMA for purifiers) and their manifest record."""
+        cfg = self.cfg
+        final = (self.ema if self.ema is not None else self.model).cpu().eval().to(memory_format=torch.contiguous_format)
+        test_images = self.test_set.float_images()
+        if cfg.what == "classifier":
+            probs = predict(final, test_images)
+            metrics = {"clean_accuracy_first1000": round((probs.argmax(1) == self.test_set.labels).float().mean().item(), 4)}
+        else:
+            metrics = {"heldout_eps_mse_first1000": round(heldout_denoising_loss(final, self.diffusion, test_images,
+                                                                                   cfg.t_max), 5)}
+        record = {
+            "command": command,
+            "seed": cfg.seed, "steps": self.step, "batch_size": cfg.batch_size * self.world,
+            "wall_time_s": round(self.elapsed, 1), "hardware": machine(), "torch": torch.__version__,
+            "t_max": cfg.t_max if cfg.what == "purifier" else None,
+            "init_from": Path(cfg.init_from).name if cfg.init_from else None,
+            "distill_from": Path(cfg.distill_from).name if cfg.distill_from else None,
+            "resumed_at_step": self.resumed_at,  # the command continued a run saved in --run-dir at this step
+            "train_metrics": metrics,
+            "schedule": self.schedule,
+            "converged": converged(self.curve, cfg.converge_tol, cfg.min_steps) if cfg.until_converged else None,
+            "heldout_curve": self.curve,  # (step, eps-MSE on the last 1000 test images), EMA weights
+        }
+        ckpt.save_checkpoint(final, self.out, extra={k: record[k] for k in ("command", "seed", "steps", "t_max")})
+        if cfg.manifest:
+            ckpt.update_manifest(self.out, final, record)
+        print(f"saved {self.out} ({sum(p.numel() for p in final.parameters())} params) after {self.step} steps, "
+              f"{self.elapsed / 60:.1f} min: {metrics}")
+        return record
+
+
+def train(cfg: TrainConfig, command: str = "") -> dict:
+    """Train as ``cfg`` says (resuming when asked and a state exists); the manifest record, or {}
+    on ranks other than 0."""
+    trainer = Trainer(cfg)
+    if cfg.resume and trainer.state_path.exists():
+        trainer.load()
+    trainer.run()
+    if trainer.world > 1:
+        torch.distributed.destroy_process_group()
+    return trainer.finish(command) if trainer.rank == 0 else {}
 
 
 def main(argv=None):
