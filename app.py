@@ -32,8 +32,9 @@ The inputs of /corrupt, /purify and /compare are, in order: dataset, image, true
 name, or "unknown"), corruption (none, gaussian, salt_pepper, pgd_linf, adaptive, exact), sigma, p, eps,
 attack steps, EOT samples, surrogate DDIM steps, seed, model (dense, tt-r1..tt-r16, ttm-r1..ttm-r4,
 authors-r3, or a classical filter), t*, and for /purify and /compare the method (ddpm, ddim,
-one-step), the number of steps, whether t* is chosen from the input (adaptive_t) and how many
-purifications make the spread (runs; the final update of /purify ends with the spread's text and picture).
+one-step), the number of steps, the t* mode (auto, the default: from the input for clean or noisy
+inputs, the given t* under attack; fixed; adaptive) and how many purifications make the spread
+(runs; the final update of /purify ends with the spread's text and picture).
 ``client.view_api()`` lists every endpoint with its parameters and named outputs.
 """
 from __future__ import annotations
@@ -69,7 +70,8 @@ from tendiff.inputs import CENTRING, drawn_image, prepare_image
 from tendiff.pipeline import (APP_CORRUPTIONS, THROUGH_PURIFIER, DEFAULT_METHOD, DEFAULT_MODEL, DEFAULT_STEPS, DEFAULT_T_STAR,
                               CorruptionSpec, PurifySpec, Studio, attack_measures, check_dataset, check_label,
                               run_record, topk)
-from tendiff.protocol import CORRUPTIONS, DATASET_TITLES, MAX_RANK, PAPER_MAX_RANK, STRENGTH, T_STAR, purifier_title
+from tendiff.protocol import (ADAPTIVE_T_STAR, CORRUPTIONS, DATASET_TITLES, MAX_RANK, PAPER_MAX_RANK, STRENGTH, T_STAR,
+                              T_STAR_MODES, adaptive_t_star, purifier_title)
 from tendiff.runtime import tune_allocator
 from tendiff.train import TrainConfig
 from tendiff.tt import channel_modes, tt_param_count
@@ -96,6 +98,7 @@ FRAME_INTERVAL = float(os.environ.get("TENDIFF_FRAME_INTERVAL", "0.1"))  # secon
 # STREAM_BUDGET seconds in all: pacing must not delay the final result (docs/performance.md, 'Why the code is shaped this way').
 STREAM_BUDGET = float(os.environ.get("TENDIFF_STREAM_BUDGET", "0.25"))
 DEFAULT_RUNS = 8  # purifications per input for the spread: one run alone is an anecdote
+DEFAULT_T_MODE = "auto"  # (protocol.T_STAR_MODES)
 TRAINED_T = TrainConfig.t_max  # the purifiers never saw a deeper t
 KNOWN, GUESSED = "true-class confidence", "confidence in the clean input's predicted class"  # what is tracked
 RMSE = "RMSE to the clean image"
@@ -323,9 +326,9 @@ def label_dict(dataset: str, probs) -> dict[str, float]:
 
 
 def _specs(kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method=DEFAULT_METHOD,
-           steps=DEFAULT_STEPS, adaptive_t=False):
+           steps=DEFAULT_STEPS, t_mode="fixed"):
     corruption = CorruptionSpec(kind, sigma, p, eps, attack_steps, eot, surrogate)
-    spec = PurifySpec(model or DEFAULT_MODEL, "auto" if adaptive_t else t_star, steps, method, seed)
+    spec = PurifySpec(model or DEFAULT_MODEL, "auto" if adaptive_t_star(kind, t_mode) else t_star, steps, method, seed)
     return corruption, spec
 
 
@@ -340,10 +343,11 @@ def _input(dataset, image):
 UNUSABLE_UPLOAD = "**This upload is not usable** (see the message). Upload another image or pick an example."
 
 
-def noise_text(t_star, adaptive_t: bool = False) -> str:
-    if adaptive_t:
-        return ("**Adaptive t\***: the slider is set aside; each input gets the t* its estimated noise calls for "
-                "(the rule and the t* chosen are shown after Purify).")
+def noise_text(t_star, t_mode="fixed", corruption="gaussian") -> str:
+    if adaptive_t_star(corruption, t_mode):
+        why = "Auto, and this input is clean or noisy" if t_mode == "auto" else "Adaptive t\\*"
+        return (f"**{why}**: the slider is set aside; " + ADAPTIVE_T_STAR.rule().replace("*", "\\*")
+                + " The t\\* chosen is shown after Purify.")
     try:
         t = int(t_star)
         return (f"t* = {t} of T = {studio.num_timesteps}: the input is diffused to noise std "
@@ -353,9 +357,9 @@ def noise_text(t_star, adaptive_t: bool = False) -> str:
         return ""
 
 
-def adaptive_changed(t_star, adaptive_t: bool):
+def t_mode_changed(t_star, t_mode, corruption):
     """The t* slider is idle while t* is chosen per input: greyed out, and its line says so."""
-    return gr.update(interactive=not adaptive_t), noise_text(t_star, adaptive_t)
+    return gr.update(interactive=not adaptive_t_star(corruption, t_mode)), noise_text(t_star, t_mode, corruption)
 
 
 def model_choices(labels) -> list[tuple[str, str]]:
@@ -557,11 +561,11 @@ def _final_view(dataset, x, y, corrupted, request, spec, result, cached, clean_p
 
 @user_errors
 def purify(dataset, image, true_label, corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star,
-           method, steps, adaptive_t=False, runs=DEFAULT_RUNS):
+           method, steps, t_mode=DEFAULT_T_MODE, runs=DEFAULT_RUNS):
     """Corrupt then purify, streaming x_t and the predicted clean image at every reverse step, then
     the spread over ``runs`` purifications (RunView updates)."""
     request, spec = _specs(corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps,
-                           adaptive_t)
+                           t_mode)
     y, request, spec = studio.validate_request(dataset, true_label, request, spec)
     x = _input(dataset, image).tensor
     if request.kind in THROUGH_PURIFIER:  # can take a while: say so before it starts (one extra update)
@@ -636,11 +640,11 @@ def _compare_row(r, names) -> list:
 
 @user_errors
 def compare(dataset, image, true_label, corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star,
-            method, steps, adaptive_t=False, runs=DEFAULT_RUNS):
+            method, steps, t_mode=DEFAULT_T_MODE, runs=DEFAULT_RUNS):
     """The same input, corruption and seed through every available purifier, each also ``runs``
     times for its spread (CompareView updates)."""
     request, spec = _specs(corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps,
-                           adaptive_t)
+                           t_mode)
     x = _input(dataset, image).tensor
     y, request, spec = studio.validate_request(dataset, true_label, request, spec)
     columns = _compare_columns(tracked(y is not None))
@@ -811,17 +815,20 @@ def swept(dataset: str) -> tuple[dict, ...]:
     return tuple(r for r in rows if r["dataset"] == dataset and r.get("method", "ddim") == DEFAULT_METHOD)
 
 
-def _measured_cells(dataset: str, corruption: str) -> tuple[list[dict], list[dict], dict | None]:
+def _measured_cells(dataset: str, corruption: str, variant: str | None = None
+                    ) -> tuple[list[dict], list[dict], dict | None]:
     """(diffusion points, lines for no purifier and classical filters, the evaluation's config) of
-    one corruption; each purifier from the first file that measured it. A point says whether it
-    was measured with the weights now committed (``current``: True, False, or None when unknown)."""
+    one corruption; each purifier from the first file that measured it (``variant``, e.g.
+    "/adaptive-t": its rows too). A point says whether it was measured with the weights now
+    committed (``current``: True, False, or None when unknown)."""
     points, lines, seen, config = [], [], set(), None
     shas = {name: e.get("sha256") for name, e in studio.manifest_entries().items()}
     for res in measured(dataset):
         costs = {c["purifier"]: c for c in res["costs"]}
         for cell in res["cells"]:
             name = cell["purifier"]
-            if cell["corruption"] != corruption or name in seen or "/" in name:
+            plain = "/" not in name or (variant and name.count("/") == 1 and name.endswith(variant))
+            if cell["corruption"] != corruption or name in seen or not plain:
                 continue
             seen.add(name)
             config = config or {**res["config"], "date": res.get("date", "?")}
@@ -843,10 +850,17 @@ def _best_classical(lines: list[dict]) -> dict | None:
     return max(classical, key=lambda r: r["accuracy"]) if classical else None
 
 
-def evidence_text(dataset: str, corruption: str, model: str) -> str:
-    """One line: what the committed evaluation measured for this purifier and corruption."""
-    points, lines, config = _measured_cells(dataset, corruption)
+def evidence_text(dataset: str, corruption: str, model: str, adaptive: bool = False) -> str:
+    """One line: what the committed evaluation measured for this purifier and corruption (with
+    the adaptive t*: its ``<model>/adaptive-t`` row)."""
+    points, lines, config = _measured_cells(dataset, corruption, variant="/adaptive-t" if adaptive else None)
     rows = {r["name"]: r for r in points + lines}
+    unmeasured = ""
+    if adaptive and model not in CLASSICAL:
+        if f"{model}/adaptive-t" in rows:
+            model = f"{model}/adaptive-t"
+        else:
+            unmeasured = f" (at the fixed t*: {model} with the adaptive t* is not measured yet)"
     if model not in rows:
         return (f"No committed measurement of {model} on {CORRUPTIONS[corruption].short} for "
                 f"{DATASET_TITLES[dataset]} yet (docs/results.md).")
@@ -860,10 +874,10 @@ def evidence_text(dataset: str, corruption: str, model: str) -> str:
             f"{100 * mine['accuracy']:.1f}%** (95% CI {100 * mine['ci95'][0]:.1f}–{100 * mine['ci95'][1]:.1f})"
             + (f" · no purifier {100 * rows['none']['accuracy']:.1f}%" if "none" in rows else "")
             + (f" · best classical {best['name']} {100 * best['accuracy']:.1f}%" if best else "") + fresh
-            + ". Details: Compare tab, docs/results.md.")
+            + unmeasured + ". Details: Compare tab, docs/results.md.")
 
 
-def evidence(dataset, corruption, model, t_star):
+def evidence(dataset, corruption, model, t_star, t_mode=DEFAULT_T_MODE):
     """The committed measurements around the current choice: accuracy against parameters and
     against t*, the chosen purifier marked, and the line for the Purify tab."""
     check_dataset(dataset)
@@ -878,7 +892,7 @@ def evidence(dataset, corruption, model, t_star):
     sweep = (png_file(t_star_figure(rows, corruption, model, int(t_star), f"{DATASET_TITLES[dataset]}, {title}: "
                                     f"accuracy against t* on {rows[0]['n']} held-out images"), "t_star")
              if rows else None)
-    text = evidence_text(dataset, corruption, model)
+    text = evidence_text(dataset, corruption, model, adaptive_t_star(corruption, t_mode))
     return EvidenceView(params, sweep, text + ("" if rows else "  \nNo t* sweep committed for this dataset yet "
                                                "(scripts/sweep_t_star.py --out docs/t_star.json)."), text)
 
@@ -987,14 +1001,13 @@ def settings_panel(ui) -> None:
     ui.model = gr.Dropdown(model_choices(models), value=DEFAULT_MODEL if DEFAULT_MODEL in models else None,
                            label="Purifier (dense, TT or classical)", elem_id="model")
     ui.t_star = gr.Slider(1, studio.num_timesteps, DEFAULT_T_STAR, step=1, label="t* (diffusion depth)",
-                          elem_id="t-star")
+                          elem_id="t-star", interactive=not adaptive_t_star("gaussian", DEFAULT_T_MODE))
     with gr.Row():
         ui.purify_btn = gr.Button("Purify", variant="primary", elem_id="purify-btn", scale=2)
         ui.stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
-    ui.adaptive_t = gr.Checkbox(False, label="Adaptive t*: choose t* from the input's estimated noise, "
-                                "and count that noise toward t*'s",
-                                elem_id="adaptive-t")
-    ui.t_text = gr.Markdown(noise_text(DEFAULT_T_STAR))
+    ui.t_mode = gr.Radio([(title, mode) for mode, title in T_STAR_MODES.items()], value=DEFAULT_T_MODE, elem_id="t-mode",
+                         label="t* mode (adaptive: the input's estimated noise counts toward t*'s)")
+    ui.t_text = gr.Markdown(noise_text(DEFAULT_T_STAR, DEFAULT_T_MODE, "gaussian"))
     with gr.Accordion("More settings: sampler, steps, seed", open=False, elem_id="more-settings"):
         ui.method = gr.Radio(list(METHODS), value=DEFAULT_METHOD, label="Sampler", elem_id="method")
         ui.steps = gr.Slider(1, limits.max_reverse_steps, DEFAULT_STEPS, step=1,
@@ -1143,8 +1156,9 @@ def wire_input(ui) -> None:
     ui.kind.change(kind_changed, kind_inputs, outputs(ui, KindView), **private)
     for c in (ui.eps, ui.attack_steps, ui.eot, ui.surrogate, ui.steps):
         c.release(threat_text, kind_inputs, ui.threat, **private)
-    ui.t_star.change(noise_text, [ui.t_star, ui.adaptive_t], ui.t_text, **private)
-    ui.adaptive_t.change(adaptive_changed, [ui.t_star, ui.adaptive_t], [ui.t_star, ui.t_text], **private)
+    ui.t_star.change(noise_text, [ui.t_star, ui.t_mode, ui.kind], ui.t_text, **private)
+    for c in (ui.t_mode, ui.kind):
+        c.change(t_mode_changed, [ui.t_star, ui.t_mode, ui.kind], [ui.t_star, ui.t_text], **private)
 
 
 def run_inputs(ui) -> list:
@@ -1156,7 +1170,7 @@ def wire_runs(ui, demo) -> list:
     """Corrupt, purify (also once on load: the first visit shows a result) and compare; returns the events."""
     heavy = dict(concurrency_id="heavy", concurrency_limit=HEAVY_CONCURRENCY, time_limit=600)
     batched = dict(concurrency_id="purify", concurrency_limit=PURIFY_CONCURRENCY, time_limit=600)
-    inputs = run_inputs(ui) + [ui.method, ui.steps, ui.adaptive_t, ui.runs]
+    inputs = run_inputs(ui) + [ui.method, ui.steps, ui.t_mode, ui.runs]
     corrupt_outputs = outputs(ui, CorruptView)
     ui.corrupt_btn.click(lambda: (None,) * len(RunView._fields), None, outputs(ui, RunView), api_visibility="private",
                          queue=False)
@@ -1200,12 +1214,14 @@ def wire_learn(ui, demo) -> list:
 
 def wire_evidence(ui, demo) -> None:
     """The measured numbers follow the dataset, corruption, purifier and t* chosen."""
-    args = dict(fn=evidence, inputs=[ui.dataset, ui.kind, ui.model, ui.t_star], outputs=outputs(ui, EvidenceView),
+    args = dict(fn=evidence, inputs=[ui.dataset, ui.kind, ui.model, ui.t_star, ui.t_mode],
+                outputs=outputs(ui, EvidenceView),
                 api_visibility="private", concurrency_id="light", concurrency_limit=4)
     demo.load(**args, api_name="initial_evidence")
     ui.kind.input(**args, api_name="corruption_evidence")
     ui.model.input(**args, api_name="model_evidence")
     ui.t_star.release(**args, api_name="t_star_evidence")
+    ui.t_mode.input(**args, api_name="t_mode_evidence")
     ui.dataset.change(**args, api_name="dataset_evidence")
 
 
@@ -1222,7 +1238,7 @@ def build_demo() -> gr.Blocks:
                 learn_tab(ui)
             with gr.Tab("API", id="api"):
                 gr.Markdown("Every main action is a named endpoint. With the app running:\n\n" + API_DOC)
-        for component in run_inputs(ui) + [ui.method, ui.steps, ui.adaptive_t, ui.runs, ui.learn_model, ui.rank]:
+        for component in run_inputs(ui) + [ui.method, ui.steps, ui.t_mode, ui.runs, ui.learn_model, ui.rank]:
             named_errors(component)  # (the input image has its own message, set where it is made)
         wire_input(ui)
         cancels = wire_runs(ui, demo) + wire_learn(ui, demo)

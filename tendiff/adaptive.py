@@ -48,11 +48,17 @@ class AdaptiveTStar:
         first = torch.searchsorted(stds, need.to(stds.dtype)).clamp(max=len(candidates) - 1)
         return candidates[first]
 
+    def rule(self) -> str:
+        """The rule in words (the app shows it next to the t* setting)."""
+        return (f"t* is the shallowest t (within {self.t_min}..{self.t_max}) whose diffusion noise covers "
+                + ("" if self.factor == 1 else f"{self.factor:g} x ") + "the input's estimated noise (std of the "
+                "image minus its 3x3 median)" + ("; that noise counts toward t*'s, so only the rest is added."
+                                                 if self.matched else "; the full noise of t* is added."))
+
     def describe(self, sigma: float, t_star: int, diffusion: GaussianDiffusion) -> str:
-        return (f"Adaptive t*: estimated input noise {sigma:.3f} (std of the image minus its 3x3 median); "
-                f"t* = {t_star}, the shallowest t whose diffusion noise ({diffusion.noise_std(t_star):.3f}) covers "
-                f"{self.factor:g} x the estimate (within {self.t_min}..{self.t_max})"
-                + ("; the input's own noise counts toward it, so only the rest is added." if self.matched else "."))
+        """One run's choice, short (the rule: :meth:`rule`)."""
+        return (f"Adaptive t*: estimated input noise {sigma:.3f}, so t* = {t_star} (its noise "
+                f"{diffusion.noise_std(t_star):.3f} covers it" + ("; only the rest is added)." if self.matched else ")."))
 
 
 def purify_adaptive(model, diffusion: GaussianDiffusion, x: torch.Tensor, rule: AdaptiveTStar, seed: int = 0,

@@ -162,7 +162,7 @@ class PurifySpec:
             t_star = T_STAR[check_dataset(dataset)]
         if t_star != "auto":
             t_star = check_int("t*", t_star, 1, num_timesteps)
-        max_steps = ADAPTIVE_T_STAR.t_min if t_star == "auto" else t_star
+        max_steps = limits.max_reverse_steps if t_star == "auto" else t_star  # (auto: at most t*, once chosen)
         steps = 1 if self.method == "one-step" else check_int(
             "number of reverse steps", self.steps, 1, min(limits.max_reverse_steps, max_steps))
         return replace(self, t_star=t_star, steps=steps, seed=check_int("seed", self.seed, 0, limits.max_seed))
@@ -557,6 +557,8 @@ class Studio:
         estimate = estimate_noise(x)
         t, sigma = int(ADAPTIVE_T_STAR.choose(x, self.diffusion, estimate)[0]), float(estimate[0])
         note = ADAPTIVE_T_STAR.describe(sigma, t, self.diffusion)
+        if spec.steps > t:
+            note += f" {t} reverse steps, not {spec.steps}: no more steps than t*."
         return replace(spec, t_star=t, steps=min(spec.steps, t), input_noise=sigma if ADAPTIVE_T_STAR.matched else None), note
 
     # ------------------------------------------------------------ whole runs

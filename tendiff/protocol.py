@@ -60,6 +60,25 @@ CORRUPTIONS = {c.name: c for c in (
 )}
 
 
+# How t* is set: "auto" chooses it from the input for clean and random-noise inputs, where that
+# beat the fixed t* on every dataset measured, and keeps the fixed t* under attack, where the
+# adaptive rule is no defense (both: docs/t_star.md).
+T_STAR_MODES = {"auto": "Auto: from the input for clean or noisy inputs, the fixed t* under attack",
+                "fixed": "Fixed: the t* of the slider",
+                "adaptive": "Adaptive: from the input's estimated noise, always"}
+
+
+def adaptive_t_star(corruption: str, mode: str | bool = "auto") -> bool:
+    """Whether t* is chosen from the input for this corruption and t* mode (True / False: the
+    older API's adaptive / fixed)."""
+    if isinstance(mode, bool):
+        return mode
+    if mode not in T_STAR_MODES:
+        raise ValueError(f"unknown t* mode {mode!r}; choose one of {', '.join(T_STAR_MODES)}")
+    noise = corruption == "none" or getattr(CORRUPTIONS.get(corruption), "random", False)
+    return mode == "adaptive" or (mode == "auto" and noise)
+
+
 def corrupt(kind: str, x: torch.Tensor, strength: float | None, seed: int = 0) -> torch.Tensor:
     """A random corruption (or none) of a batch in [0, 1], deterministic in ``seed``."""
     if kind == "none":

@@ -70,6 +70,8 @@ def test_matched_rule_counts_the_estimate_and_the_plain_one_does_not():
     torch.testing.assert_close(AdaptiveTStar().input_noise(x), estimate_noise(x))
     assert AdaptiveTStar(matched=False).input_noise(x) is None
     assert "only the rest is added" in AdaptiveTStar().describe(0.2, 100, GaussianDiffusion())
+    assert "only the rest is added" in AdaptiveTStar().rule() and "1.5 x" in AdaptiveTStar(factor=1.5).rule()
+    assert "full noise" in AdaptiveTStar(matched=False).rule() and "x the" not in AdaptiveTStar().rule()
 
 
 def test_noise_estimate_is_scipys_median_residual():
@@ -79,3 +81,13 @@ def test_noise_estimate_is_scipys_median_residual():
         a = x.double().numpy()
         residual = a - ndimage.median_filter(a, size=(1, 1, 3, 3), mode="mirror")
         np.testing.assert_allclose(estimate_noise(x).numpy(), residual.std(axis=(2, 3)).mean(axis=1), rtol=1e-6)
+
+
+def test_auto_t_star_mode_is_adaptive_for_noise_and_fixed_under_attack():
+    from tendiff.protocol import adaptive_t_star
+    assert [adaptive_t_star(c) for c in ("none", "gaussian", "salt_pepper")] == [True] * 3
+    assert [adaptive_t_star(c) for c in ("pgd_linf", "autoattack_l2", "adaptive", "exact")] == [False] * 4
+    assert adaptive_t_star("exact", "adaptive") and not adaptive_t_star("gaussian", "fixed")
+    assert adaptive_t_star("pgd_linf", True) and not adaptive_t_star("none", False)  # the older API's bool
+    with pytest.raises(ValueError, match="t\\* mode"):
+        adaptive_t_star("gaussian", "sometimes")
