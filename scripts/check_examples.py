@@ -3,8 +3,9 @@
 ``python scripts/check_examples.py --dataset fashion_mnist --purifiers dense tt-r2``
 
 Each of the 20 bundled images of a dataset (``assets/<dataset>_<label>_<copy>.png``) is corrupted
-and purified exactly as the app's Purify button does with its defaults (Gaussian sigma 0.2, the
-dataset's t*, 10 DDIM steps, seed 0; ``--adaptive`` adds the input-adaptive t*), and the
+and purified exactly as the app's Purify button does (Gaussian sigma 0.2, 10 DDIM steps, seed 0),
+at the dataset's fixed t* and, with ``--adaptive``, at the input-adaptive t* (what the app's
+default t* mode, auto, uses for this noise), and the
 classifier's prediction on the clean, corrupted and purified image is compared with the label in
 the file name. ``--seeds`` repeats the purification with more seeds (the corruption follows the
 seed, as in the app) and reports the mean count.
@@ -56,7 +57,7 @@ def main() -> None:
                 counts = [count(studio, dataset, model, t_star, s) for s in range(args.seeds)]
                 clean, corrupted, first = counts[0]
                 mean = sum(c[2] for c in counts) / len(counts)
-                print(f"| {dataset} | {model} | {'adaptive' if t_star else 'fixed'} | {clean}/{n} | {corrupted}/{n} | "
+                print(f"| {dataset} | {model} | {'adaptive (app default)' if t_star else 'fixed'} | {clean}/{n} | {corrupted}/{n} | "
                       f"{first}/{n} | {mean:.1f}/{n} ({args.seeds} seeds) |", flush=True)
 
 
