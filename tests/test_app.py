@@ -525,7 +525,9 @@ def test_purify_rejects_bad_parameters(client, capfd):
                                 (dict(label="Sneaker"), 10, "'Sneaker' is not a MNIST class"),
                                 (dict(), 10 ** 6, r"Reverse steps .*maximum value")):
         with pytest.raises(Exception, match=message):
-            client.predict(*run_args(**bad), "ddim", steps, api_name="/purify")
+            client.predict(*run_args(**bad), "ddim", steps, "fixed", api_name="/purify")  # (auto: t* from the input)
+    with pytest.raises(Exception, match=r"t\* mode .*'sometimes'.* is not in the list of choices"):
+        client.predict(*run_args(), "ddim", 10, "sometimes", api_name="/purify")
     assert "Traceback" not in "".join(capfd.readouterr())
     assert client.predict(*run_args(), "ddim", 10, api_name="/purify")[2].startswith("Done")
 
