@@ -998,8 +998,9 @@ def settings_panel(ui) -> None:
         ui.eot = gr.Slider(1, limits.max_eot, 1, step=1, label="EOT samples")
         ui.surrogate = gr.Slider(1, limits.max_surrogate_steps, 2, step=1, label="Surrogate DDIM steps")
     ui.threat = gr.Markdown(threat_text("gaussian"), elem_id="threat-line", label="threat model")
+    # (custom values: the API takes any dataset's purifiers, not only the first dataset's; the pipeline checks them)
     ui.model = gr.Dropdown(model_choices(models), value=DEFAULT_MODEL if DEFAULT_MODEL in models else None,
-                           label="Purifier (dense, TT or classical)", elem_id="model")
+                           label="Purifier (dense, TT or classical)", elem_id="model", allow_custom_value=True)
     ui.t_star = gr.Slider(1, studio.num_timesteps, DEFAULT_T_STAR, step=1, label="t* (diffusion depth)",
                           elem_id="t-star", interactive=not adaptive_t_star("gaussian", DEFAULT_T_MODE))
     with gr.Row():

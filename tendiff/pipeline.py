@@ -579,7 +579,8 @@ class Studio:
                                           f"({checkpoint_name(dataset, 'classifier')} is missing)")
         if spec.model not in self.available_purifiers(dataset):
             raise CheckpointNotFoundError(f"{DATASET_TITLES[dataset]}: the {spec.model} purifier is not trained yet "
-                                          f"({checkpoint_name(dataset, spec.model)} is missing)")
+                                          f"({checkpoint_name(dataset, spec.model)} is missing); its purifiers: "
+                                          f"{', '.join(self.available_purifiers(dataset))}")
         return y, corruption, spec
 
     def run_stream(self, dataset: str, x: torch.Tensor, y=None, corruption: CorruptionSpec = CorruptionSpec(),

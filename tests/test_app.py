@@ -521,7 +521,8 @@ def test_purify_rejects_bad_parameters(client, capfd):
     capfd.readouterr()
     for bad, steps, message in ((dict(t_star=0), 10, r"t\* \(diffusion depth\): Value 0 is less than minimum"),
                                 (dict(t_star=10), 20, r"reverse steps must be in 1..10"),
-                                (dict(model="tt-r9"), 10, r"Purifier .*tt-r9 is not in the list of choices"),
+                                (dict(model="tt-r9"), 10, r"MNIST: the tt-r9 purifier is not trained yet .*its "
+                                                          r"purifiers: dense, tt-r1"),
                                 (dict(label="Sneaker"), 10, "'Sneaker' is not a MNIST class"),
                                 (dict(), 10 ** 6, r"Reverse steps .*maximum value")):
         with pytest.raises(Exception, match=message):
@@ -543,6 +544,21 @@ def test_api_takes_labels_of_the_requested_dataset(client):
     args[2] = "seven"
     with pytest.raises(Exception, match="seven"):
         client.predict(*args, api_name="/corrupt")
+
+
+@pytest.mark.slow
+def test_api_takes_purifiers_of_the_requested_dataset(client):
+    """The purifier list is checked per dataset by the pipeline, not by the first dataset's dropdown."""
+    if missing_checkpoints("fashion_mnist"):
+        pytest.skip("Fashion-MNIST checkpoints not trained yet")
+    studio = Studio()
+    model = studio.available_models("fashion_mnist")[-1]  # the last of its ladder (one MNIST lacked)
+    args = run_args(label="Sneaker", image="fashion_mnist_7_0.png", model=model, t_star=20)
+    args[0] = "fashion_mnist"
+    assert client.predict(*args, "ddim", 2, "fixed", api_name="/purify")[2].startswith("Done")
+    args[-2] = "tt-r9"
+    with pytest.raises(Exception, match=r"Fashion-MNIST: the tt-r9 purifier is not trained yet .*its purifiers: dense"):
+        client.predict(*args, "ddim", 2, "fixed", api_name="/purify")
 
 
 @pytest.mark.slow
