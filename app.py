@@ -498,9 +498,11 @@ def use_drawing(drawing, last: str | None = None):
 
 @user_errors
 def corrupt(dataset, image, true_label, corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model,
-            t_star) -> CorruptView:
-    """Corrupt the input; returns the corrupted image, the clean and corrupted top classes and the threat model."""
-    request, spec = _specs(corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star)
+            t_star, method=DEFAULT_METHOD, steps=DEFAULT_STEPS, t_mode=DEFAULT_T_MODE) -> CorruptView:
+    """Corrupt the input (an attack through the purifier as Purify would run it: its sampler, steps and
+    t* mode); returns the corrupted image, the clean and corrupted top classes and the threat model."""
+    request, spec = _specs(corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps,
+                           t_mode)
     y, request, spec = studio.validate_request(dataset, true_label, request, spec)
     x = _input(dataset, image).tensor
     out = studio.corrupt(dataset, request.kind, x, y, request, spec.seed, spec.model, spec.t_star, spec.steps,
@@ -1175,7 +1177,7 @@ def wire_runs(ui, demo) -> list:
     corrupt_outputs = outputs(ui, CorruptView)
     ui.corrupt_btn.click(lambda: (None,) * len(RunView._fields), None, outputs(ui, RunView), api_visibility="private",
                          queue=False)
-    events = [ui.corrupt_btn.click(corrupt, run_inputs(ui), corrupt_outputs, api_name="corrupt",
+    events = [ui.corrupt_btn.click(corrupt, inputs[:-1], corrupt_outputs, api_name="corrupt",
                                    show_progress="minimal", **heavy),
               ui.purify_btn.click(purify, inputs, outputs(ui, RunView), api_name="purify", show_progress="hidden",
                                   **batched),

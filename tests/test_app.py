@@ -712,6 +712,11 @@ def test_the_apps_exact_attack_goes_through_the_purifiers_real_steps():
     assert studio.corrupt("mnist", "exact", x, 7, spec, 0, "tt-r2", 50, 3, "ddim") is out  # cached
     other = studio.corrupt("mnist", "exact", x, 7, spec, 0, "tt-r2", 50, 2, "ddim")  # fewer steps: another attack
     assert other is not out
+    # "Corrupt only" attacks the defense Purify would run (its steps and t* mode), not a default one.
+    shown = app.corrupt("mnist", str(ASSETS / "mnist_7_0.png"), "7", "exact", 0.2, 0.2, 0.1, 2, 1, 2, 0, "tt-r2", 50,
+                        "ddim", 3, "fixed").corrupted
+    assert np.array_equal(np.asarray(Image.open(shown)), np.asarray(Image.open(app.show(out.tensor))))
+    assert not np.array_equal(np.asarray(Image.open(shown)), np.asarray(Image.open(app.show(other.tensor))))
     with pytest.raises(ValueError, match="diffusion purifier"):
         studio.corrupt("mnist", "exact", x, 7, spec, 0, "median3", 50, 3, "ddim")
     threat = app.threat_text("exact", 0.1, 2, 1, 2, 3)
