@@ -62,7 +62,7 @@ from render import (display_scale, evidence_figure, gif_bytes, layer_figure, par
                     run_zip, runs_image, schedule_figure, strip_image, t_star_figure, to_pil)
 from tendiff import anatomy
 from tendiff.checkpoints import CheckpointIntegrityError, CheckpointNotFoundError, checkpoint_name
-from tendiff.classical import CLASSICAL
+from tendiff.classical import CLASSICAL, available as classical_available
 from tendiff.data import CLASS_NAMES, DATASETS, IMAGE_SHAPE
 from tendiff.diffusion import METHODS
 from tendiff.evaluate import read_results
@@ -99,6 +99,7 @@ FRAME_INTERVAL = float(os.environ.get("TENDIFF_FRAME_INTERVAL", "0.1"))  # secon
 STREAM_BUDGET = float(os.environ.get("TENDIFF_STREAM_BUDGET", "0.25"))
 DEFAULT_RUNS = 8  # purifications per input for the spread: one run alone is an anecdote
 DEFAULT_T_MODE = "auto"  # (protocol.T_STAR_MODES)
+NO_PREFILTER = "none"  # the classical step's "no step" choice (PurifySpec.prefilter None)
 TRAINED_T = TrainConfig.t_max  # the purifiers never saw a deeper t
 KNOWN, GUESSED = "true-class confidence", "confidence in the clean input's predicted class"  # what is tracked
 RMSE = "RMSE to the clean image"
@@ -326,9 +327,10 @@ def label_dict(dataset: str, probs) -> dict[str, float]:
 
 
 def _specs(kind, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method=DEFAULT_METHOD,
-           steps=DEFAULT_STEPS, t_mode="fixed"):
+           steps=DEFAULT_STEPS, t_mode="fixed", prefilter=NO_PREFILTER):
     corruption = CorruptionSpec(kind, sigma, p, eps, attack_steps, eot, surrogate)
-    spec = PurifySpec(model or DEFAULT_MODEL, "auto" if adaptive_t_star(kind, t_mode) else t_star, steps, method, seed)
+    spec = PurifySpec(model or DEFAULT_MODEL, "auto" if adaptive_t_star(kind, t_mode) else t_star, steps, method, seed,
+                      prefilter=None if prefilter in (None, "", NO_PREFILTER) else prefilter)
     return corruption, spec
 
 
@@ -360,6 +362,10 @@ def noise_text(t_star, t_mode="fixed", corruption="gaussian") -> str:
 def t_mode_changed(t_star, t_mode, corruption):
     """The t* slider is idle while t* is chosen per input: greyed out, and its line says so."""
     return gr.update(interactive=not adaptive_t_star(corruption, t_mode)), noise_text(t_star, t_mode, corruption)
+
+
+def prefilter_choices() -> list[tuple[str, str]]:
+    return [("none", NO_PREFILTER)] + [(f"{m} ({CLASSICAL[m][1]})", m) for m in CLASSICAL if classical_available(m)]
 
 
 def model_choices(labels) -> list[tuple[str, str]]:
@@ -441,7 +447,7 @@ def run_files(dataset, key, result, requested: PurifySpec, y, measures) -> tuple
         record = run_record(result, requested, y, measures, {n: entries.get(n, {}).get("sha256") for n in names})
         return run_zip(result, record, gif.read_bytes(), display_scale(result.clean, DISPLAY))
 
-    name = f"tendiff_{dataset}_{done.model}_{result.corrupted.spec.kind}_seed{done.seed}_{tag % 10 ** 8}.zip"
+    name = f"tendiff_{dataset}_{done.label}_{result.corrupted.spec.kind}_seed{done.seed}_{tag % 10 ** 8}.zip"
     return str(gif), kept_file(tmp_dir() / name, archive, "tendiff_*.zip")
 
 
@@ -498,15 +504,16 @@ def use_drawing(drawing, last: str | None = None):
 
 @user_errors
 def corrupt(dataset, image, true_label, corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model,
-            t_star, method=DEFAULT_METHOD, steps=DEFAULT_STEPS, t_mode=DEFAULT_T_MODE) -> CorruptView:
-    """Corrupt the input (an attack through the purifier as Purify would run it: its sampler, steps and
-    t* mode); returns the corrupted image, the clean and corrupted top classes and the threat model."""
+            t_star, method=DEFAULT_METHOD, steps=DEFAULT_STEPS, t_mode=DEFAULT_T_MODE,
+            prefilter=NO_PREFILTER) -> CorruptView:
+    """Corrupt the input (an attack through the purifier as Purify would run it: its sampler, steps,
+    t* mode and classical step); returns the corrupted image, the clean and corrupted top classes and
+    the threat model."""
     request, spec = _specs(corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps,
-                           t_mode)
+                           t_mode, prefilter)
     y, request, spec = studio.validate_request(dataset, true_label, request, spec)
     x = _input(dataset, image).tensor
-    out = studio.corrupt(dataset, request.kind, x, y, request, spec.seed, spec.model, spec.t_star, spec.steps,
-                         spec.method)
+    out = studio.corrupt_for(dataset, x, y, request, spec)
     return CorruptView(show(out.tensor, "corrupted"), label_dict(dataset, studio.probs(dataset, x)[0]),
                        label_dict(dataset, studio.probs(dataset, out.tensor)[0]),
                        threat_text(corruption, eps, attack_steps, eot, surrogate, spec.steps))
@@ -516,6 +523,7 @@ def _summary(result, cached: bool) -> str:
     done = result.spec
     how = (f"one pass of the classical {done.model} filter" if done.model in CLASSICAL else
            f"{done.steps} {done.method} step(s) from t* = {done.t_star} with {done.model}")
+    how = f"the classical {done.prefilter} filter, then {how}" if done.prefilter else how
     return (f"Done: {how} in {result.seconds:.2f} s{' (cached)' if cached else ''}. "
             f"Purified prediction: {topk(result.dataset, result.probs_purified, 1)[0][0]}."
             + (f"  \n{result.t_star_note}" if result.t_star_note else ""))
@@ -563,17 +571,16 @@ def _final_view(dataset, x, y, corrupted, request, spec, result, cached, clean_p
 
 @user_errors
 def purify(dataset, image, true_label, corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star,
-           method, steps, t_mode=DEFAULT_T_MODE, runs=DEFAULT_RUNS):
+           method, steps, t_mode=DEFAULT_T_MODE, runs=DEFAULT_RUNS, prefilter=NO_PREFILTER):
     """Corrupt then purify, streaming x_t and the predicted clean image at every reverse step, then
     the spread over ``runs`` purifications (RunView updates)."""
     request, spec = _specs(corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps,
-                           t_mode)
+                           t_mode, prefilter)
     y, request, spec = studio.validate_request(dataset, true_label, request, spec)
     x = _input(dataset, image).tensor
     if request.kind in THROUGH_PURIFIER:  # can take a while: say so before it starts (one extra update)
         yield view(RunView, gr.skip(), progress=f"Running the adaptive attack first: {request.cost(spec.steps)}")
-    corrupted = studio.corrupt(dataset, request.kind, x, y, request, spec.seed, spec.model, spec.t_star, spec.steps,
-                               spec.method)
+    corrupted = studio.corrupt_for(dataset, x, y, request, spec)
     clean_probs = label_dict(dataset, studio.probs(dataset, x)[0])
     corrupted_probs = label_dict(dataset, studio.probs(dataset, corrupted.tensor)[0])
     interval = min(FRAME_INTERVAL, STREAM_BUDGET / (spec.steps + 1))
@@ -642,16 +649,15 @@ def _compare_row(r, names) -> list:
 
 @user_errors
 def compare(dataset, image, true_label, corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star,
-            method, steps, t_mode=DEFAULT_T_MODE, runs=DEFAULT_RUNS):
-    """The same input, corruption and seed through every available purifier, each also ``runs``
-    times for its spread (CompareView updates)."""
+            method, steps, t_mode=DEFAULT_T_MODE, runs=DEFAULT_RUNS, prefilter=NO_PREFILTER):
+    """The same input, corruption and seed through every available purifier (after the classical
+    step, if one is chosen), each also ``runs`` times for its spread (CompareView updates)."""
     request, spec = _specs(corruption, sigma, p, eps, attack_steps, eot, surrogate, seed, model, t_star, method, steps,
-                           t_mode)
+                           t_mode, prefilter)
     x = _input(dataset, image).tensor
     y, request, spec = studio.validate_request(dataset, true_label, request, spec)
     columns = _compare_columns(tracked(y is not None))
-    corrupted = studio.corrupt(dataset, request.kind, x, y, request, spec.seed, spec.model, spec.t_star, spec.steps,
-                               spec.method)  # (the same, cached, that every purifier gets)
+    corrupted = studio.corrupt_for(dataset, x, y, request, spec)  # (the same, cached, that every purifier gets)
     refs = _reference_rows(dataset, x, corrupted.tensor, y, len(columns))
     models = studio.available_purifiers(dataset)  # fixed now: a checkpoint added meanwhile joins the next run
     for rows in studio.compare(dataset, x, y, request, spec, models=models, runs=runs):
@@ -817,20 +823,22 @@ def swept(dataset: str) -> tuple[dict, ...]:
     return tuple(r for r in rows if r["dataset"] == dataset and r.get("method", "ddim") == DEFAULT_METHOD)
 
 
-def _measured_cells(dataset: str, corruption: str, variant: str | None = None
+def _measured_cells(dataset: str, corruption: str, variant: str | None = None, prefilter: str | None = None
                     ) -> tuple[list[dict], list[dict], dict | None]:
     """(diffusion points, lines for no purifier and classical filters, the evaluation's config) of
     one corruption; each purifier from the first file that measured it (``variant``, e.g.
-    "/adaptive-t": its rows too). A point says whether it was measured with the weights now
-    committed (``current``: True, False, or None when unknown)."""
+    "/adaptive-t", and hybrids with the classical step ``prefilter``: their rows too). A point says
+    whether it was measured with the weights now committed (``current``: True, False, or None when
+    unknown)."""
     points, lines, seen, config = [], [], set(), None
     shas = {name: e.get("sha256") for name, e in studio.manifest_entries().items()}
     for res in measured(dataset):
         costs = {c["purifier"]: c for c in res["costs"]}
         for cell in res["cells"]:
             name = cell["purifier"]
-            plain = "/" not in name or (variant and name.count("/") == 1 and name.endswith(variant))
-            if cell["corruption"] != corruption or name in seen or not plain:
+            pre, _, base = name.rpartition("+")
+            plain = "/" not in base or (variant and base.count("/") == 1 and base.endswith(variant))
+            if cell["corruption"] != corruption or name in seen or not plain or (pre and pre != prefilter):
                 continue
             seen.add(name)
             config = config or {**res["config"], "date": res.get("date", "?")}
@@ -852,13 +860,15 @@ def _best_classical(lines: list[dict]) -> dict | None:
     return max(classical, key=lambda r: r["accuracy"]) if classical else None
 
 
-def evidence_text(dataset: str, corruption: str, model: str, adaptive: bool = False) -> str:
+def evidence_text(dataset: str, corruption: str, model: str, adaptive: bool = False, prefilter: str | None = None
+                  ) -> str:
     """One line: what the committed evaluation measured for this purifier and corruption (with
-    the adaptive t*: its ``<model>/adaptive-t`` row)."""
-    points, lines, config = _measured_cells(dataset, corruption, variant="/adaptive-t" if adaptive else None)
+    the adaptive t*: its ``<model>/adaptive-t`` row; after a classical step: ``<step>+<model>``)."""
+    points, lines, config = _measured_cells(dataset, corruption, "/adaptive-t" if adaptive else None, prefilter)
+    model = f"{prefilter}+{model}" if prefilter else model
     rows = {r["name"]: r for r in points + lines}
     unmeasured = ""
-    if adaptive and model not in CLASSICAL:
+    if adaptive and model.rpartition("+")[2] not in CLASSICAL:
         if f"{model}/adaptive-t" in rows:
             model = f"{model}/adaptive-t"
         else:
@@ -879,22 +889,24 @@ def evidence_text(dataset: str, corruption: str, model: str, adaptive: bool = Fa
             + unmeasured + ". Details: Compare tab, docs/results.md.")
 
 
-def evidence(dataset, corruption, model, t_star, t_mode=DEFAULT_T_MODE):
+def evidence(dataset, corruption, model, t_star, t_mode=DEFAULT_T_MODE, prefilter=NO_PREFILTER):
     """The committed measurements around the current choice: accuracy against parameters and
     against t*, the chosen purifier marked, and the line for the Purify tab."""
     check_dataset(dataset)
-    points, lines, config = _measured_cells(dataset, corruption)
+    prefilter = None if prefilter in (None, "", NO_PREFILTER) else prefilter
+    points, lines, config = _measured_cells(dataset, corruption, prefilter=prefilter)
+    label = f"{prefilter}+{model}" if prefilter else model
     title = CORRUPTIONS[corruption].short
     best = _best_classical(lines)
-    lines = [r for r in lines if r["name"] in ("none", model) or r is best]  # a readable few
-    params = (png_file(evidence_figure(points, lines, model, f"{DATASET_TITLES[dataset]}, {title}: accuracy on "
+    lines = [r for r in lines if r["name"] in ("none", label) or r is best]  # a readable few
+    params = (png_file(evidence_figure(points, lines, label, f"{DATASET_TITLES[dataset]}, {title}: accuracy on "
                                        f"{config['n']} test images, measured {config['date']}"), "evidence")
               if config else None)
     rows = [r for r in swept(dataset) if corruption in r["accuracy"]]
     sweep = (png_file(t_star_figure(rows, corruption, model, int(t_star), f"{DATASET_TITLES[dataset]}, {title}: "
                                     f"accuracy against t* on {rows[0]['n']} held-out images"), "t_star")
              if rows else None)
-    text = evidence_text(dataset, corruption, model, adaptive_t_star(corruption, t_mode))
+    text = evidence_text(dataset, corruption, model, adaptive_t_star(corruption, t_mode), prefilter)
     return EvidenceView(params, sweep, text + ("" if rows else "  \nNo t* sweep committed for this dataset yet "
                                                "(scripts/sweep_t_star.py --out docs/t_star.json)."), text)
 
@@ -1003,6 +1015,8 @@ def settings_panel(ui) -> None:
     # (custom values: the API takes any dataset's purifiers, not only the first dataset's; the pipeline checks them)
     ui.model = gr.Dropdown(model_choices(models), value=DEFAULT_MODEL if DEFAULT_MODEL in models else None,
                            label="Purifier (dense, TT or classical)", elem_id="model", allow_custom_value=True)
+    ui.prefilter = gr.Dropdown(prefilter_choices(), value=NO_PREFILTER, elem_id="prefilter",
+                               label="Classical step first (a hybrid: this filter, then the purifier)")
     ui.t_star = gr.Slider(1, studio.num_timesteps, DEFAULT_T_STAR, step=1, label="t* (diffusion depth)",
                           elem_id="t-star", interactive=not adaptive_t_star("gaussian", DEFAULT_T_MODE))
     with gr.Row():
@@ -1173,11 +1187,12 @@ def wire_runs(ui, demo) -> list:
     """Corrupt, purify (also once on load: the first visit shows a result) and compare; returns the events."""
     heavy = dict(concurrency_id="heavy", concurrency_limit=HEAVY_CONCURRENCY, time_limit=600)
     batched = dict(concurrency_id="purify", concurrency_limit=PURIFY_CONCURRENCY, time_limit=600)
-    inputs = run_inputs(ui) + [ui.method, ui.steps, ui.t_mode, ui.runs]
+    inputs = run_inputs(ui) + [ui.method, ui.steps, ui.t_mode, ui.runs, ui.prefilter]
     corrupt_outputs = outputs(ui, CorruptView)
     ui.corrupt_btn.click(lambda: (None,) * len(RunView._fields), None, outputs(ui, RunView), api_visibility="private",
                          queue=False)
-    events = [ui.corrupt_btn.click(corrupt, inputs[:-1], corrupt_outputs, api_name="corrupt",
+    events = [ui.corrupt_btn.click(corrupt, run_inputs(ui) + [ui.method, ui.steps, ui.t_mode, ui.prefilter],
+                                   corrupt_outputs, api_name="corrupt",
                                    show_progress="minimal", **heavy),
               ui.purify_btn.click(purify, inputs, outputs(ui, RunView), api_name="purify", show_progress="hidden",
                                   **batched),
@@ -1217,7 +1232,7 @@ def wire_learn(ui, demo) -> list:
 
 def wire_evidence(ui, demo) -> None:
     """The measured numbers follow the dataset, corruption, purifier and t* chosen."""
-    args = dict(fn=evidence, inputs=[ui.dataset, ui.kind, ui.model, ui.t_star, ui.t_mode],
+    args = dict(fn=evidence, inputs=[ui.dataset, ui.kind, ui.model, ui.t_star, ui.t_mode, ui.prefilter],
                 outputs=outputs(ui, EvidenceView),
                 api_visibility="private", concurrency_id="light", concurrency_limit=4)
     demo.load(**args, api_name="initial_evidence")
@@ -1225,6 +1240,7 @@ def wire_evidence(ui, demo) -> None:
     ui.model.input(**args, api_name="model_evidence")
     ui.t_star.release(**args, api_name="t_star_evidence")
     ui.t_mode.input(**args, api_name="t_mode_evidence")
+    ui.prefilter.input(**args, api_name="prefilter_evidence")
     ui.dataset.change(**args, api_name="dataset_evidence")
 
 

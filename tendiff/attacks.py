@@ -173,7 +173,7 @@ def _l2_norms(v: torch.Tensor) -> torch.Tensor:
 def pgd_eot_exact(classifier, purifier, diffusion: GaussianDiffusion, x, y, eps: float, t_star: int, steps: int = 10,
                   eot: int = 4, num_steps: int = 10, method: str = "ddim", norm: str = "linf",
                   alpha: float | None = None, seed: int = 0, checkpoint: bool = True,
-                  random_start: bool = True) -> torch.Tensor:
+                  random_start: bool = True, prefilter=None) -> torch.Tensor:
     """Threat model: white-box adaptive, x' in the eps-ball (L-inf or L2) around x and in [0, 1]; knows every weight, t*, sampler and steps, not the defense's noise.
 
     PGD (Madry et al. 2018) whose gradient goes through the defended pipeline exactly as it
@@ -185,7 +185,9 @@ def pgd_eot_exact(classifier, purifier, diffusion: GaussianDiffusion, x, y, eps:
     Starts at a uniformly random point of the ball (``random_start``, seeded by ``seed``) or at
     x. Deterministic for a fixed seed (on CPU). ``checkpoint`` bounds memory (see
     :func:`purify_differentiable`). Cost per PGD step: ``eot`` purifications with backward,
-    about 3 eot num_steps network forwards (4 with checkpointing).
+    about 3 eot num_steps network forwards (4 with checkpointing). ``prefilter`` (a deterministic
+    function of the batch, e.g. a classical filter a hybrid defense runs first) is run forward and
+    passed through backward unchanged (BPDA, Athalye et al. 2018).
     """
     if norm not in ("linf", "l2"):
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
@@ -217,7 +219,8 @@ def pgd_eot_exact(classifier, purifier, diffusion: GaussianDiffusion, x, y, eps:
             delta = direction / _l2_norms(direction) * u ** (1.0 / x[0].numel())
         x_adv = project(x + eps * delta.to(x.device))
     for it in range(steps):
-        _, grad = defense_loss_grad(classifier, purifier, diffusion, x_adv, y, t_star, num_steps,
+        x_in = x_adv if prefilter is None else prefilter(x_adv)
+        _, grad = defense_loss_grad(classifier, purifier, diffusion, x_in, y, t_star, num_steps,
                                     eot_seeds(seed, it, eot), method, checkpoint)
         with torch.no_grad():
             if norm == "linf":

@@ -8,7 +8,9 @@ Defenses (:class:`Defense`, by name): ``none``; a diffusion checkpoint label (``
 image from its estimated noise, which counts toward t*'s: :mod:`tendiff.adaptive`),
 ``<label>/vote<K>`` (majority vote over K purifications, :mod:`tendiff.defense`; variants
 combine: ``dense/adaptive-t/vote8``), ``dense-cond/guided`` (guidance with the true label: leaks
-it, no defense); and every classical purifier by its registry name (``median3``, ``tucker``, ...).
+it, no defense); every classical purifier by its registry name (``median3``, ``tucker``, ...); and
+hybrids ``<classical>+<diffusion>`` (``median3+dense/adaptive-t``: the classical filter, then the
+diffusion defense; the exact attack goes through the filter by BPDA).
 
 Threat models are written next to every column: *transfer* attacks are crafted on the bare
 classifier and never see the purifier, so their numbers are not robustness against an attacker
@@ -32,7 +34,7 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -90,7 +92,8 @@ class EvalConfig:
     corruptions: tuple = cli.field(CORRUPTIONS, "columns", choices=CORRUPTIONS)
     purifiers: tuple = cli.field(PURIFIERS, "rows: none, a checkpoint label (dense, tt-r2, ...), <label>/one-step, "
                                  "<label>/adaptive-t, <label>/vote<K> (combined: <label>/adaptive-t/vote8), "
-                                 "dense-cond/guided, or a classical purifier: " + ", ".join(CLASSICAL))
+                                 "dense-cond/guided, a classical purifier (" + ", ".join(CLASSICAL) + "), or a "
+                                 "hybrid <classical>+<diffusion> (median3+dense/adaptive-t: the filter first)")
     seed: int = cli.field(0, "seed of the image order, the noises and the attacks")
     batch_size: int = cli.field(250, "purification chunk")
     timing: bool = cli.field(True, "skip the per-purifier timings", flag="--no-timing")
@@ -143,6 +146,7 @@ class Defense:
     adaptive_t: bool = False  # t* per image from its estimated noise (tendiff.adaptive)
     guide_labels: torch.Tensor | None = None  # guidance towards the true labels: leaks them, no defense
     guidance_scale: float = 0.0
+    prefilter: str | None = None  # a hybrid: this classical purifier runs first
 
     @property
     def stochastic(self) -> bool:
@@ -173,7 +177,7 @@ class Defense:
         """Defenses with one key face the same per-defense attack (a vote: that of what it repeats)."""
         if self.kind != "diffusion":
             return (self.name,)
-        return self.file, self.method, self.adaptive_t, self.guide_labels is not None
+        return self.file, self.method, self.adaptive_t, self.guide_labels is not None, self.prefilter
 
     @property
     def identity(self) -> tuple:
@@ -181,13 +185,16 @@ class Defense:
         if self.kind != "diffusion":
             return (self.name,)
         sha = ckpt.sha256_file(ckpt.checkpoint_dir() / self.file)
-        return self.file, sha, self.t_star, self.steps, self.method, self.adaptive_t, self.guide_labels is not None
+        return (self.file, sha, self.t_star, self.steps, self.method, self.adaptive_t, self.guide_labels is not None,
+                *([self.prefilter] if self.prefilter else []))  # (no prefilter: the names caches already have)
 
     def purify(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         if self.kind == "none":
             return x
         if self.kind == "classical":
             return classical.purify(self.name, x)
+        if self.prefilter:
+            x = classical.purify(self.prefilter, x)
         if self.adaptive_t:
             return purify_adaptive(self.model, self.diffusion, x, ADAPTIVE_T_STAR, seed, self.chunk,
                                    num_steps=self.steps, method=self.method)[0]
@@ -215,6 +222,8 @@ class Defense:
             return "no diffusion model to make a surrogate of; the exact column attacks it by BPDA"
         if corruption == "adaptive" and self.adaptive_t:
             return "the surrogate has one fixed t*; the exact column goes through the t* the defense picks"
+        if corruption == "adaptive" and self.prefilter:
+            return "the surrogate has no classical step; the exact column goes through it (BPDA)"
         if corruption == "exact" and self.guide_labels is not None:
             return "no exact gradient through guidance is built, and true-label guidance is no defense"
         return None
@@ -227,24 +236,28 @@ class Defense:
         """PGD L-inf through the defense as it runs: exact gradient and EOT, or BPDA (none: plain PGD)."""
         if not self.differentiable:
             return attacks.pgd_bpda(classifier, lambda v: self.purify(v, 0), x, y, eps, steps, seed=seed)
-        if self.adaptive_t:
+        if self.adaptive_t or self.prefilter:
             return attacks.pgd_linf_from_grad(x, self._grad_at_chosen_t(classifier, y, eot, seed), eps, steps,
                                               seed=seed)
         return attacks.pgd_eot_exact(classifier, self.model, self.diffusion, x, y, eps, self.t_star, steps, eot,
                                      self.steps, self.method, seed=seed)
 
     def _grad_at_chosen_t(self, classifier, y, eot: int, seed: int):
-        """The EOT gradient through the purification at the t* the defense picks for the current
-        input (the choice is piecewise constant in x, so no gradient flows through it) and through
-        the noise estimate the defense subtracts from t*'s noise (differentiable)."""
+        """The EOT gradient through the purification at the t* the defense uses for the current
+        input (adaptive: the choice is piecewise constant in x, so no gradient flows through it, but
+        one does through the noise estimate it subtracts from t*'s noise). A hybrid's classical step
+        runs forward and passes the gradient back unchanged (BPDA)."""
         def grad(x_adv, it):
-            t_stars = ADAPTIVE_T_STAR.choose(x_adv, self.diffusion)
+            x_in = classical.purify(self.prefilter, x_adv) if self.prefilter else x_adv
+            t_stars = (ADAPTIVE_T_STAR.choose(x_in, self.diffusion) if self.adaptive_t
+                       else torch.full((len(x_in),), self.t_star))
             out = torch.zeros_like(x_adv)
             for t in t_stars.unique().tolist():
                 idx = (t_stars == t).nonzero().flatten()
-                out[idx] = attacks.defense_loss_grad(classifier, self.model, self.diffusion, x_adv[idx], y[idx], t,
-                                                     self.steps, attacks.eot_seeds(seed, it, eot), self.method,
-                                                     input_noise=ADAPTIVE_T_STAR.input_noise)[1]
+                out[idx] = attacks.defense_loss_grad(
+                    classifier, self.model, self.diffusion, x_in[idx], y[idx], t, self.steps,
+                    attacks.eot_seeds(seed, it, eot), self.method,
+                    input_noise=ADAPTIVE_T_STAR.input_noise if self.adaptive_t else None)[1]
             return out
         return grad
 
@@ -260,6 +273,15 @@ def make_defense(name: str, cfg: EvalConfig, diffusion: GaussianDiffusion, label
         return Defense("none", "none")
     if name in CLASSICAL:
         return Defense(name, "classical") if classical.available(name) else None
+    if "+" in name:  # a hybrid: <classical>+<diffusion defense>
+        prefilter, rest = name.split("+", 1)
+        if prefilter not in CLASSICAL or rest in CLASSICAL or "+" in rest or rest == "none":
+            raise ValueError(f"a hybrid is <classical>+<diffusion defense> (e.g. median3+dense/adaptive-t), "
+                             f"got {name!r}; classical: {', '.join(CLASSICAL)}")
+        inner = make_defense(rest, cfg, diffusion, labels, models)
+        if inner.guide_labels is not None:
+            raise ValueError(f"{name!r}: true-label guidance is no defense, so no hybrid is made of it")
+        return replace(inner, name=name, prefilter=prefilter) if classical.available(prefilter) else None
     base, *variants = name.split("/")  # e.g. dense/adaptive-t/vote8: variants combine
     matches = [VARIANT.fullmatch(v) for v in variants]
     kinds = [v.rstrip("0123456789") for v in variants]

@@ -18,6 +18,7 @@ model, t*, steps, method, seed), so a repeated request replays instantly.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -147,12 +148,21 @@ class PurifySpec:
     method: str = DEFAULT_METHOD
     seed: int = 0
     input_noise: float | None = None  # set with an "auto" t*: the input's own noise, counted toward t*'s
+    prefilter: str | None = None  # a hybrid: this classical filter runs first (median3 for impulse noise)
+
+    @property
+    def label(self) -> str:
+        """The purifier's name as the evaluation writes it: ``median3+dense`` for a hybrid."""
+        return f"{self.prefilter}+{self.model}" if self.prefilter else self.model
 
     def validated(self, num_timesteps: int, limits: Limits = Limits(), dataset: str | None = None) -> "PurifySpec":
         """This spec checked, with t* = ``T_STAR[dataset]`` where it was left None ("auto" stays:
         :meth:`Studio.resolve_t_star` fixes it once the input is known)."""
         if self.model not in CLASSICAL:
             parse_model_label(self.model)
+        if self.prefilter is not None and (self.prefilter not in CLASSICAL or not classical_available(self.prefilter)):
+            raise ValueError(f"unknown classical step {self.prefilter!r}; choose one of "
+                             f"{', '.join(n for n in CLASSICAL if classical_available(n))}, or none")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         t_star = self.t_star
@@ -301,7 +311,7 @@ def run_record(result: RunResult, requested: PurifySpec | None = None, true_labe
         "true_label": names[true_label] if true_label is not None else None,
         "tracked_label": names[result.tracked_label],
         "corruption": asdict(result.corrupted.spec) | {"threat_model": result.corrupted.threat},
-        "purifier": {"model": spec.model, "method": spec.method, "steps": spec.steps},
+        "purifier": {"model": spec.model, "method": spec.method, "steps": spec.steps, "classical_step_first": spec.prefilter},
         "seed": spec.seed,
         "t_star": spec.t_star,
         "t_star_requested": t_requested,
@@ -454,12 +464,13 @@ class Studio:
     def corrupt(self, dataset: str, kind: str, x: torch.Tensor, y: int | None = None,
                 params: Mapping[str, Any] | CorruptionSpec | None = None, seed: int = 0,
                 model: str = DEFAULT_MODEL, t_star: int | None = None, steps: int = DEFAULT_STEPS,
-                method: str = DEFAULT_METHOD) -> Corrupted:
+                method: str = DEFAULT_METHOD, prefilter: str | None = None) -> Corrupted:
         """Apply a corruption (validated first); attacks push away from y (default: the prediction).
 
         ``model`` and ``t_star`` (default: the dataset's) matter only to the attacks through the
         purifier: the adaptive one differentiates through a few-step DDIM surrogate of that purifier
-        diffused to that t*, the exact one through its real ``steps`` of ``method``.
+        diffused to that t*, the exact one through its real ``steps`` of ``method`` (and through a
+        hybrid's classical ``prefilter`` by BPDA).
         """
         check_dataset(dataset)
         spec = params if isinstance(params, CorruptionSpec) else CorruptionSpec.from_params(kind, params)
@@ -470,18 +481,28 @@ class Studio:
                 raise ValueError("this attack differentiates through a diffusion purifier; pick one, or attack the "
                                  "classifier (PGD L-inf)")
             parse_model_label(model)
+            if prefilter is not None and spec.kind == "adaptive":
+                raise ValueError("the surrogate attack has no classical step; the exact attack goes through it "
+                                 "(BPDA)")
             # An adaptive t* is attacked through the dataset's fixed t* (the surrogate's depth).
             t_star = T_STAR[dataset] if t_star in (None, "auto") else t_star
             t_star = check_int("t*", t_star, 1, self.num_timesteps)
             steps = PurifySpec(model, t_star, steps, method, seed).validated(self.num_timesteps, self.limits).steps
         through = (model, t_star, self._sha(checkpoint_name(dataset, model))) if spec.kind in THROUGH_PURIFIER else None
         key = ("corrupt", dataset, image_hash(x), y, spec.key(), seed,
-               through + (steps, method) if spec.kind == "exact" else through,
+               through + (steps, method, prefilter) if spec.kind == "exact" else through,
                self._sha(checkpoint_name(dataset, "classifier")) if not CORRUPTIONS[spec.kind].random else None)
-        value, _ = self._cached(key, lambda: self._corrupt(dataset, spec, x, y, seed, model, t_star, steps, method))
+        value, _ = self._cached(key, lambda: self._corrupt(dataset, spec, x, y, seed, model, t_star, steps, method,
+                                                           prefilter))
         return value
 
-    def _corrupt(self, dataset, spec, x, y, seed, model, t_star, steps=DEFAULT_STEPS, method=DEFAULT_METHOD) -> Corrupted:
+    def corrupt_for(self, dataset: str, x: torch.Tensor, y, corruption: CorruptionSpec, spec: PurifySpec) -> Corrupted:
+        """The corrupted input of a run: :meth:`corrupt` with the purification ``spec`` attacks go through."""
+        return self.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star, spec.steps,
+                            spec.method, spec.prefilter)
+
+    def _corrupt(self, dataset, spec, x, y, seed, model, t_star, steps=DEFAULT_STEPS, method=DEFAULT_METHOD,
+                 prefilter=None) -> Corrupted:
         start = time.perf_counter()
         label_used = y
         if spec.kind == "none" or CORRUPTIONS[spec.kind].random:
@@ -497,7 +518,8 @@ class Studio:
                 elif spec.kind == "exact":
                     out = attacks.pgd_eot_exact(classifier, self.purifier(dataset, model), self.diffusion, x, yt,
                                                 spec.eps, t_star, steps=spec.attack_steps, eot=spec.eot,
-                                                num_steps=steps, method=method, seed=seed)
+                                                num_steps=steps, method=method, seed=seed,
+                                                prefilter=prefilter and functools.partial(classical_purify, prefilter))
                 else:
                     purifier = self.purifier(dataset, model)
                     out = attacks.pgd_eot_ddim_surrogate(
@@ -532,10 +554,11 @@ class Studio:
                          time.perf_counter() - start)
 
         if spec.model in CLASSICAL:  # one filter pass: a single, final frame
-            out = classical_purify(spec.model, x)
+            out = classical_purify(spec.model, self.prefiltered(spec, x))
             yield frame(0, 0, 0, out, out)
             return
         spec = self.resolve_t_star(spec, x)[0]
+        x = self.prefiltered(spec, x)
         model = purifier if purifier is not None else self.purifier(dataset, spec.model)
         label = None if guide_label is None else torch.tensor([int(guide_label)])
         if label is None and purifier is None and len(x) == 1:  # concurrent requests share a batch
@@ -549,11 +572,17 @@ class Studio:
         for step in steps:
             yield frame(step.index, step.num_steps, step.t, step.x_t, step.pred_x0)
 
+    @staticmethod
+    def prefiltered(spec: PurifySpec, x: torch.Tensor) -> torch.Tensor:
+        """x after the spec's classical step (a hybrid's first half); x itself when it has none."""
+        return classical_purify(spec.prefilter, x) if spec.prefilter else x
+
     def resolve_t_star(self, spec: PurifySpec, x: torch.Tensor) -> tuple[PurifySpec, str]:
-        """A spec with t* = "auto" made concrete for input x (:mod:`tendiff.adaptive`), with the
-        rule's explanation; any other spec unchanged."""
+        """A spec with t* = "auto" made concrete for input x (after its classical step, if any:
+        :mod:`tendiff.adaptive`), with the rule's explanation; any other spec unchanged."""
         if spec.t_star != "auto":
             return spec, ""
+        x = self.prefiltered(spec, x)
         estimate = estimate_noise(x)
         t, sigma = int(ADAPTIVE_T_STAR.choose(x, self.diffusion, estimate)[0]), float(estimate[0])
         note = ADAPTIVE_T_STAR.describe(sigma, t, self.diffusion)
@@ -565,7 +594,7 @@ class Studio:
     def run_key(self, dataset, x, y, corruption: CorruptionSpec, spec: PurifySpec) -> tuple:
         # The checkpoints' hashes are part of the key: a retrained model never replays old results.
         shas = (self._sha(checkpoint_name(dataset, "classifier")), self._sha(checkpoint_name(dataset, spec.model)))
-        return ("run", dataset, image_hash(x), y, corruption.key(), spec.model, spec.t_star, spec.steps,
+        return ("run", dataset, image_hash(x), y, corruption.key(), spec.label, spec.t_star, spec.steps,
                 spec.method, spec.seed, shas)
 
     def validate_request(self, dataset: str, y, corruption: CorruptionSpec, spec: PurifySpec):
@@ -597,8 +626,7 @@ class Studio:
             yield hit.frames[-1], hit, True
             return
         start = time.perf_counter()
-        corrupted = self.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star, spec.steps,
-                                 spec.method)
+        corrupted = self.corrupt_for(dataset, x, y, corruption, spec)
         probs_clean = self.probs(dataset, x)
         tracked = y if y is not None else int(probs_clean.argmax())
         spec, note = self.resolve_t_star(spec, corrupted.tensor)
@@ -631,10 +659,9 @@ class Studio:
 
     def _spread(self, dataset, x, y, corruption, spec, runs) -> Spread:
         start = time.perf_counter()
-        corrupted = self.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star, spec.steps,
-                                 spec.method)
+        corrupted = self.corrupt_for(dataset, x, y, corruption, spec)
         tracked = y if y is not None else int(self.probs(dataset, x).argmax())
-        batch = corrupted.tensor.expand(runs, -1, -1, -1).contiguous()
+        batch = self.prefiltered(spec, corrupted.tensor).expand(runs, -1, -1, -1).contiguous()
         if spec.model in CLASSICAL:
             purified = classical_purify(spec.model, batch)
         else:
@@ -646,7 +673,7 @@ class Studio:
         probs = self.probs(dataset, purified)
         predictions = probs.argmax(1)
         label, share = vote(predictions[:, None], probs.shape[1])
-        return Spread(spec.model, purified, predictions.tolist(), probs[:, tracked].tolist(), tracked, int(label),
+        return Spread(spec.label, purified, predictions.tolist(), probs[:, tracked].tolist(), tracked, int(label),
                       float(share), time.perf_counter() - start, spec.model in CLASSICAL)
 
     def compare(self, dataset: str, x: torch.Tensor, y=None, corruption: CorruptionSpec = CorruptionSpec(),
@@ -663,8 +690,7 @@ class Studio:
         for m in models or ():
             if m not in CLASSICAL:
                 parse_model_label(m)
-        corrupted = self.corrupt(dataset, corruption.kind, x, y, corruption, spec.seed, spec.model, spec.t_star, spec.steps,
-                                 spec.method)
+        corrupted = self.corrupt_for(dataset, x, y, corruption, spec)
         tracked = y if y is not None else int(self.probs(dataset, x).argmax())
         dense_params = self.dense_parameters(dataset)
         rows: list[CompareRow] = []
@@ -689,7 +715,7 @@ class Studio:
         p = self.probs(dataset, last.x_t)[0]
         name, conf = topk(dataset, p, 1)[0]
         params = 0 if spec.model in CLASSICAL else self.model_parameters(dataset, spec.model)
-        return CompareRow(spec.model, True, last.x_t, name, conf, float(p[tracked]), params,
+        return CompareRow(spec.label, True, last.x_t, name, conf, float(p[tracked]), params,
                           dense_params / params if params else float("nan"), time.perf_counter() - start)
 
     def guidance_lesson(self, dataset: str, x: torch.Tensor, true_label: int, wrong_label: int | None = None,

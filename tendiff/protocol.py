@@ -53,7 +53,7 @@ CORRUPTIONS = {c.name: c for c in (
     Corruption("exact", "Exact PGD+EOT through the whole defense (slowest)", "PGD+EOT (exact; BPDA for classical)",
                "Adaptive, white-box: PGD L-inf + EOT, the gradient exactly through the defense as it runs (its t*, "
                "sampler and steps; adaptive t*: through the t* it picks for the current input, a piecewise-constant "
-               "choice not differentiated, and through the noise estimate it counts toward t*'s; a vote: EOT over fresh noises of the one purification it repeats)."),
+               "choice not differentiated, and through the noise estimate it counts toward t*'s; a vote: EOT over fresh noises of the one purification it repeats; a hybrid's classical step: BPDA)."),
     Corruption("bpda", "BPDA PGD through a non-differentiable purifier", "PGD (BPDA)",
                "Adaptive, white-box BPDA (Athalye et al. 2018): PGD L-inf, forward through the real deterministic "
                "purifier, backward as the identity (with no purifier: plain white-box PGD)."),

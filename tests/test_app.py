@@ -24,6 +24,7 @@ from conftest import missing_checkpoints  # noqa: E402
 from tendiff.classical import CLASSICAL, estimate_noise  # noqa: E402
 from tendiff.inputs import prepare_image, quantize  # noqa: E402
 from tendiff.pipeline import CorruptionSpec, Limits, PurifySpec, Studio, check_label  # noqa: E402
+from dataclasses import replace as replace_spec  # noqa: E402
 from tendiff.protocol import parse_model_label, purifier_title  # noqa: E402
 
 ASSETS = ROOT / "assets"
@@ -314,6 +315,51 @@ def test_the_measured_line_follows_the_t_star_mode():
         pytest.skip("no committed Fashion-MNIST measurement of dense/adaptive-t (docs/noise)")
     assert "**dense " in fixed and "**dense/adaptive-t " in adaptive and fixed != adaptive
     assert "**median3 " in app.evidence_text("fashion_mnist", "gaussian", "median3", adaptive=True)
+
+
+def test_the_measured_line_names_the_hybrid_chosen():
+    import app
+    line = app.evidence_text("fashion_mnist", "salt_pepper", "dense", adaptive=True, prefilter="median3")
+    if "No committed measurement" in line:
+        pytest.skip("no committed Fashion-MNIST measurement of median3+dense/adaptive-t (docs/noise)")
+    assert "**median3+dense/adaptive-t " in line
+    assert "No committed measurement of median3+tt-r9" in app.evidence_text("fashion_mnist", "salt_pepper", "tt-r9",
+                                                                           prefilter="median3")
+    points = app._measured_cells("fashion_mnist", "salt_pepper", prefilter="median3")[0]
+    assert {p["name"].partition("+")[0] for p in points if "+" in p["name"]} == {"median3"}
+    assert not [p for p in app._measured_cells("fashion_mnist", "salt_pepper")[0] if "+" in p["name"]]
+
+
+@needs_mnist
+def test_a_hybrid_runs_the_classical_step_then_the_purifier():
+    """The classical step first, then the diffusion purifier on its output (the same seed: the same
+    result as purifying the filtered image); its t* is chosen on the filtered image; the summary,
+    run.json and the cache key say so; the surrogate attack, which has no classical step, is refused."""
+    import app
+    from tendiff.classical import purify as classical_purify
+    from tendiff.pipeline import run_record
+    studio = Studio()
+    x = prepare_image(ASSETS / "mnist_7_0.png", "mnist").tensor
+    noisy = studio.corrupt("mnist", "salt_pepper", x, 7, CorruptionSpec("salt_pepper", p=0.2), seed=0).tensor
+    spec = PurifySpec("tt-r2", 100, 3, "ddim", 5, prefilter="median3")
+    hybrid = list(studio.purify_stream("mnist", noisy, spec))[-1]
+    plain = list(studio.purify_stream("mnist", classical_purify("median3", noisy), PurifySpec("tt-r2", 100, 3, "ddim", 5)))
+    assert spec.label == "median3+tt-r2" and torch.equal(hybrid.x_t, plain[-1].x_t)
+    auto = replace_spec(spec, t_star="auto")
+    assert studio.resolve_t_star(auto, noisy)[0].t_star == studio.resolve_t_star(
+        replace_spec(auto, prefilter=None), classical_purify("median3", noisy))[0].t_star
+    result = studio.run("mnist", x, 7, CorruptionSpec("salt_pepper", p=0.2), spec)
+    assert run_record(result)["purifier"]["classical_step_first"] == "median3"
+    assert studio.run_key("mnist", x, 7, CorruptionSpec(), spec) != studio.run_key(
+        "mnist", x, 7, CorruptionSpec(), replace_spec(spec, prefilter=None))
+    final = list(app.purify("mnist", str(ASSETS / "mnist_7_0.png"), "7", "salt_pepper", 0.2, 0.2, 0.1, 2, 1, 2, 0,
+                            "tt-r2", 100, "ddim", 3, "fixed", 1, "median3"))[-1]
+    assert "the classical median3 filter, then 3 ddim step(s)" in final.progress
+    with pytest.raises(ValueError, match="surrogate attack has no classical step"):
+        studio.corrupt("mnist", "adaptive", x, 7, CorruptionSpec("adaptive", eps=0.1, attack_steps=1), 0, "tt-r2", 50,
+                       prefilter="median3")
+    with pytest.raises(ValueError, match="unknown classical step 'sharpen'"):
+        PurifySpec("tt-r2", prefilter="sharpen").validated(1000)
 
 
 @needs_mnist

@@ -389,6 +389,19 @@ def test_classical_purifier_runs_from_the_list(page):
     choose(page, "corruption", "Gaussian")
 
 
+def test_a_classical_step_before_the_purifier(page):
+    """The hybrid: median3 first, then the diffusion purifier; the summary and the measured line say so."""
+    page.click("button[role=tab]:has-text('Purify')")
+    choose(page, "corruption", "Salt and pepper")
+    choose(page, "prefilter", "median3")
+    seconds, seen = run_purify(page)
+    assert "the classical median3 filter, then" in seen[-1], seen
+    page.wait_for_function("(document.querySelector('#evidence-line')?.innerText || '').includes('median3+')")
+    shot(page, "11_hybrid_median3")
+    choose(page, "prefilter", "none")
+    choose(page, "corruption", "Gaussian")
+
+
 def test_learn_view(page):
     page.click("button[role=tab]:has-text('Learn')")
     page.click("#learn-btn")

@@ -139,6 +139,33 @@ def test_vote_defense_votes_over_its_seeds(tiny_world):
     assert torch.equal(voted.purify(x, 5), single.purify(x, 5))
 
 
+def test_hybrid_runs_the_classical_step_then_the_diffusion_defense(tiny_world):
+    from tendiff import attacks
+    cfg = EvalConfig(t_star=20, steps=2, purifiers=("dense/adaptive-t", "median3+dense/adaptive-t", "median3+dense"))
+    diffusion, x, y = GaussianDiffusion(), torch.rand(4, 1, 28, 28), torch.arange(4)
+    (inner, hybrid, fixed), missing = load_defenses(cfg, diffusion, y)
+    assert not missing and (hybrid.prefilter, hybrid.adaptive_t, fixed.adaptive_t) == ("median3", True, False)
+    assert hybrid.model is inner.model and hybrid.identity[:-1] == inner.identity and hybrid.identity[-1] == "median3"
+    filtered = classical.purify("median3", x)
+    assert torch.equal(hybrid.purify(x, 3), inner.purify(filtered, 3))
+    assert hybrid.unsupported("adaptive") and hybrid.unsupported("exact") is None
+    # The exact attack's gradient: through the diffusion defense at the filtered input, passed back
+    # through the filter unchanged (BPDA).
+    classifier = ckpt.load_model(ckpt.checkpoint_name("mnist", "classifier"))
+    grad = fixed._grad_at_chosen_t(classifier, y, eot=2, seed=1)(x, 0)
+    want = attacks.defense_loss_grad(classifier, fixed.model, diffusion, filtered, y, 20, 2, attacks.eot_seeds(1, 0, 2))[1]
+    assert torch.allclose(grad, want) and grad.abs().sum() > 0
+    adv = fixed.exact_attack(classifier, x, y, 0.1, steps=2, eot=1, seed=0)
+    assert (adv - x).abs().max() <= 0.1 + 1e-6 and not torch.equal(adv, x)
+
+
+@pytest.mark.parametrize("name, message", [("foo+dense", "a hybrid is <classical>"), ("median3+tv", "a hybrid is"),
+                                           ("median3+dense-cond/guided", "no hybrid")])
+def test_hybrid_names_are_checked(tiny_world, name, message):
+    with pytest.raises(ValueError, match=message):
+        load_defenses(EvalConfig(purifiers=(name,)), GaussianDiffusion(), torch.zeros(1, dtype=torch.long))
+
+
 def test_classical_purifier_without_its_library_is_missing(tiny_world, monkeypatch):
     monkeypatch.setattr(classical, "available", lambda name: name != "bm3d")
     cfg = EvalConfig(purifiers=("none", "median3", "bm3d", "tt-r4"))

@@ -144,6 +144,19 @@ def test_exact_attack_stays_in_the_ball_and_is_deterministic(norm, eps):
     assert torch.equal(no_start, x)
 
 
+def test_exact_attack_passes_a_prefilter_through_backward_unchanged():
+    """A hybrid's classical step runs forward; its gradient is taken as the identity (BPDA)."""
+    model, clf = tiny_unet(), tiny_classifier()
+    x, y = toy_batch()
+    blur = lambda v: F.avg_pool2d(v, 3, stride=1, padding=1)  # (a stand-in for the classical filter)
+    kw = dict(eps=0.05, t_star=T_STAR, steps=1, eot=2, num_steps=2, seed=4, random_start=False)
+    adv = pgd_eot_exact(clf, model, DIFFUSION, x, y, prefilter=blur, **kw)
+    grad = defense_loss_grad(clf, model, DIFFUSION, blur(x), y, T_STAR, 2, eot_seeds(4, 0, 2))[1]
+    assert torch.allclose(adv, (x + 0.125 * grad.sign()).clamp(x - 0.05, x + 0.05).clamp(0, 1))
+    assert torch.equal(pgd_eot_exact(clf, model, DIFFUSION, x, y, prefilter=lambda v: v, **kw),
+                       pgd_eot_exact(clf, model, DIFFUSION, x, y, **kw))
+
+
 @pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.4)])
 def test_exact_attack_lowers_the_true_class_probability(norm, eps):
     model, clf = tiny_unet(), tiny_classifier()
