@@ -350,6 +350,8 @@ def test_a_hybrid_runs_the_classical_step_then_the_purifier():
         replace_spec(auto, prefilter=None), classical_purify("median3", noisy))[0].t_star
     result = studio.run("mnist", x, 7, CorruptionSpec("salt_pepper", p=0.2), spec)
     assert run_record(result)["purifier"]["classical_step_first"] == "median3"
+    rows = list(studio.compare("mnist", x, 7, CorruptionSpec("salt_pepper", p=0.2), spec, models=["tt-r2", "tv"]))[-1]
+    assert [r.model for r in rows] == ["median3+tt-r2", "median3+tv"]  # every row after the same classical step
     assert studio.run_key("mnist", x, 7, CorruptionSpec(), spec) != studio.run_key(
         "mnist", x, 7, CorruptionSpec(), replace_spec(spec, prefilter=None))
     final = list(app.purify("mnist", str(ASSETS / "mnist_7_0.png"), "7", "salt_pepper", 0.2, 0.2, 0.1, 2, 1, 2, 0,
