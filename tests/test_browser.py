@@ -377,29 +377,31 @@ def test_compare_ranks(page):
     shot(page, "06_compare_ranks")
 
 
-def test_classical_purifier_runs_from_the_list(page):
+def purify_salt_and_pepper_with(page, elem_id: str, shown: str, undo: str, screenshot: str) -> str:
+    """Pick ``shown`` in the dropdown ``elem_id``, purify salt-and-pepper noise, put both settings
+    back (``undo``; Gaussian noise); returns the final summary line."""
     page.click("button[role=tab]:has-text('Purify')")
-    choose(page, "model", "classical: median3")
     choose(page, "corruption", "Salt and pepper")
-    seconds, seen = run_purify(page)
-    assert "one pass of the classical median3 filter" in seen[-1], seen
-    page.wait_for_selector("#pred-purified .output-class, #pred-purified [data-testid=label-output-value]")
-    shot(page, "10_classical_median")
-    choose(page, "model", "tt-r2")
-    choose(page, "corruption", "Gaussian")
+    choose(page, elem_id, shown)
+    try:
+        return run_purify(page)[1][-1]
+    finally:
+        page.wait_for_selector("#pred-purified .output-class, #pred-purified [data-testid=label-output-value]")
+        shot(page, screenshot)
+        choose(page, elem_id, undo)
+        choose(page, "corruption", "Gaussian")
+
+
+def test_classical_purifier_runs_from_the_list(page):
+    summary = purify_salt_and_pepper_with(page, "model", "classical: median3", "tt-r2", "10_classical_median")
+    assert "one pass of the classical median3 filter" in summary
 
 
 def test_a_classical_step_before_the_purifier(page):
     """The hybrid: median3 first, then the diffusion purifier; the summary and the measured line say so."""
-    page.click("button[role=tab]:has-text('Purify')")
-    choose(page, "corruption", "Salt and pepper")
-    choose(page, "prefilter", "median3")
-    seconds, seen = run_purify(page)
-    assert "the classical median3 filter, then" in seen[-1], seen
-    page.wait_for_function("(document.querySelector('#evidence-line')?.innerText || '').includes('median3+')")
-    shot(page, "11_hybrid_median3")
-    choose(page, "prefilter", "none")
-    choose(page, "corruption", "Gaussian")
+    summary = purify_salt_and_pepper_with(page, "prefilter", "median3", "none", "13_hybrid_median3")
+    assert "the classical median3 filter, then" in summary
+    assert "median3+" in text(page, "#evidence-line")
 
 
 def test_learn_view(page):
