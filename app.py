@@ -1015,8 +1015,6 @@ def settings_panel(ui) -> None:
     # (custom values: the API takes any dataset's purifiers, not only the first dataset's; the pipeline checks them)
     ui.model = gr.Dropdown(model_choices(models), value=DEFAULT_MODEL if DEFAULT_MODEL in models else None,
                            label="Purifier (dense, TT or classical)", elem_id="model", allow_custom_value=True)
-    ui.prefilter = gr.Dropdown(prefilter_choices(), value=NO_PREFILTER, elem_id="prefilter",
-                               label="Classical step first (a hybrid: this filter, then the purifier)")
     ui.t_star = gr.Slider(1, studio.num_timesteps, DEFAULT_T_STAR, step=1, label="t* (diffusion depth)",
                           elem_id="t-star", interactive=not adaptive_t_star("gaussian", DEFAULT_T_MODE))
     with gr.Row():
@@ -1025,6 +1023,9 @@ def settings_panel(ui) -> None:
     ui.t_mode = gr.Radio([(title, mode) for mode, title in T_STAR_MODES.items()], value=DEFAULT_T_MODE, elem_id="t-mode",
                          label="t* mode (adaptive: the input's estimated noise counts toward t*'s)")
     ui.t_text = gr.Markdown(noise_text(DEFAULT_T_STAR, DEFAULT_T_MODE, "gaussian"))
+    # (below the Purify button: the button stays above the fold at 1366x900)
+    ui.prefilter = gr.Dropdown(prefilter_choices(), value=NO_PREFILTER, elem_id="prefilter",
+                               label="Classical step first (a hybrid: this filter, then the purifier)")
     with gr.Accordion("More settings: sampler, steps, seed", open=False, elem_id="more-settings"):
         ui.method = gr.Radio(list(METHODS), value=DEFAULT_METHOD, label="Sampler", elem_id="method")
         ui.steps = gr.Slider(1, limits.max_reverse_steps, DEFAULT_STEPS, step=1,
