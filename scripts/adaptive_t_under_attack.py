@@ -21,9 +21,8 @@ from tendiff.protocol import ADAPTIVE_T_STAR  # noqa: E402
 
 
 def added_noise(diffusion, t_stars: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The noise std (pixel units) the matched rule adds at each image's t*: what t*'s noise lacks."""
-    need = torch.tensor([diffusion.noise_std(int(t)) for t in t_stars])
-    return (need ** 2 - sigma ** 2).clamp(min=0).sqrt()
+    """The noise std (pixel units) the matched rule adds at each image's t*."""
+    return torch.tensor([diffusion.added_noise_std(int(t), float(s)) for t, s in zip(t_stars, sigma)])
 
 
 def main() -> None:

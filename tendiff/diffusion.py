@@ -126,6 +126,12 @@ class GaussianDiffusion:
         a = float(self.alphas_cumprod[self.check_t(t)])
         return 0.5 * math.sqrt((1 - a) / a)
 
+    def added_noise_std(self, t: int, present: float = 0.0) -> float:
+        """The std, in pixel units, that diffusing to t adds to an input already carrying noise of std
+        ``present`` (pixel units): what t's noise lacks, :meth:`q_sample` with ``present`` seen in
+        pixel units."""
+        return math.sqrt(max(self.noise_std(t) ** 2 - float(present) ** 2, 0.0))
+
     def t_for_noise_std(self, std: float) -> int:
         """The timestep whose :meth:`noise_std` is closest to std (pixel units)."""
         if not std >= 0:

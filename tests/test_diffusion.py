@@ -44,6 +44,16 @@ def test_q_sample_statistics():
         assert abs(x_t.std().item() - math.sqrt(1 - a)) < 0.01
 
 
+def test_added_noise_std_is_q_sample_with_present_noise_in_pixel_units():
+    d = GaussianDiffusion()
+    noise = torch.randn(200_000)
+    for t, present in ((100, 0.0), (300, 0.1), (300, 0.3), (50, 0.5)):
+        x_t = d.q_sample(torch.zeros(1), t, noise, present=2 * present)  # (model units: twice the pixel's)
+        pixel_std = float(x_t.std()) / (2 * float(d.alphas_cumprod[t]) ** 0.5)
+        assert math.isclose(d.added_noise_std(t, present), pixel_std, rel_tol=0.01, abs_tol=1e-4)
+    assert d.added_noise_std(100) == d.noise_std(100) and d.added_noise_std(50, 0.5) == 0.0
+
+
 def test_noise_std_round_trip():
     d = GaussianDiffusion()
     for t in (1, 50, 100, 400, 1000):
