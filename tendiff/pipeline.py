@@ -557,8 +557,8 @@ class Studio:
             out = classical_purify(spec.model, self.prefiltered(spec, x))
             yield frame(0, 0, 0, out, out)
             return
-        spec = self.resolve_t_star(spec, x)[0]
         x = self.prefiltered(spec, x)
+        spec = self.resolve_t_star(spec, x)[0]
         model = purifier if purifier is not None else self.purifier(dataset, spec.model)
         label = None if guide_label is None else torch.tensor([int(guide_label)])
         if label is None and purifier is None and len(x) == 1:  # concurrent requests share a batch
@@ -578,11 +578,10 @@ class Studio:
         return classical_purify(spec.prefilter, x) if spec.prefilter else x
 
     def resolve_t_star(self, spec: PurifySpec, x: torch.Tensor) -> tuple[PurifySpec, str]:
-        """A spec with t* = "auto" made concrete for input x (after its classical step, if any:
+        """A spec with t* = "auto" made concrete for input x (a hybrid's: x after its classical step,
         :mod:`tendiff.adaptive`), with the rule's explanation; any other spec unchanged."""
         if spec.t_star != "auto":
             return spec, ""
-        x = self.prefiltered(spec, x)
         estimate = estimate_noise(x)
         t, sigma = int(ADAPTIVE_T_STAR.choose(x, self.diffusion, estimate)[0]), float(estimate[0])
         note = ADAPTIVE_T_STAR.describe(sigma, t, self.diffusion)
@@ -629,9 +628,10 @@ class Studio:
         corrupted = self.corrupt_for(dataset, x, y, corruption, spec)
         probs_clean = self.probs(dataset, x)
         tracked = y if y is not None else int(probs_clean.argmax())
-        spec, note = self.resolve_t_star(spec, corrupted.tensor)
+        filtered = self.prefiltered(spec, corrupted.tensor)  # (once: the t* rule and the purifier both read it)
+        spec, note = self.resolve_t_star(spec, filtered)
         frames = []
-        for frame in self.purify_stream(dataset, corrupted.tensor, spec, clean=x, track_label=tracked):
+        for frame in self.purify_stream(dataset, filtered, replace(spec, prefilter=None), clean=x, track_label=tracked):
             frames.append(frame)
             if not frame.final:
                 yield frame, None, False
@@ -661,11 +661,12 @@ class Studio:
         start = time.perf_counter()
         corrupted = self.corrupt_for(dataset, x, y, corruption, spec)
         tracked = y if y is not None else int(self.probs(dataset, x).argmax())
-        batch = self.prefiltered(spec, corrupted.tensor).expand(runs, -1, -1, -1).contiguous()
+        filtered = self.prefiltered(spec, corrupted.tensor)
+        batch = filtered.expand(runs, -1, -1, -1).contiguous()
         if spec.model in CLASSICAL:
             purified = classical_purify(spec.model, batch)
         else:
-            spec = self.resolve_t_star(spec, corrupted.tensor)[0]
+            spec = self.resolve_t_star(spec, filtered)[0]
             with torch.inference_mode():
                 purified = purify_batch(self.purifier(dataset, spec.model), self.diffusion, batch, spec.t_star,
                                         num_steps=spec.steps, method=spec.method, seed=spec.seed,

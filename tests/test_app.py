@@ -345,9 +345,10 @@ def test_a_hybrid_runs_the_classical_step_then_the_purifier():
     hybrid = list(studio.purify_stream("mnist", noisy, spec))[-1]
     plain = list(studio.purify_stream("mnist", classical_purify("median3", noisy), PurifySpec("tt-r2", 100, 3, "ddim", 5)))
     assert spec.label == "median3+tt-r2" and torch.equal(hybrid.x_t, plain[-1].x_t)
-    auto = replace_spec(spec, t_star="auto")
-    assert studio.resolve_t_star(auto, noisy)[0].t_star == studio.resolve_t_star(
-        replace_spec(auto, prefilter=None), classical_purify("median3", noisy))[0].t_star
+    auto = studio.run("mnist", x, 7, CorruptionSpec("salt_pepper", p=0.2), replace_spec(spec, t_star="auto"))
+    filtered = classical_purify("median3", auto.corrupted.tensor)  # the t* rule reads the filtered input
+    assert auto.spec.t_star == studio.resolve_t_star(replace_spec(spec, t_star="auto"), filtered)[0].t_star
+    assert auto.spec.prefilter == "median3"
     result = studio.run("mnist", x, 7, CorruptionSpec("salt_pepper", p=0.2), spec)
     assert run_record(result)["purifier"]["classical_step_first"] == "median3"
     rows = list(studio.compare("mnist", x, 7, CorruptionSpec("salt_pepper", p=0.2), spec, models=["tt-r2", "tv"]))[-1]
