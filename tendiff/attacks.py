@@ -11,6 +11,8 @@ Every function takes and returns images in [0, 1]; the classifiers normalise int
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 
@@ -27,10 +29,18 @@ def _check_images(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def corruption_generator(kind: str, seed: int) -> torch.Generator:
+    """The random stream of corruption ``kind`` with ``seed``: a hash of both, so that it is never
+    the stream :func:`tendiff.diffusion.purify` draws its forward noise from with the same seed
+    (the same numbers: the two noises would add up coherently, not independently)."""
+    digest = hashlib.sha256(f"corruption:{kind}:{int(seed)}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def gaussian_noise(x: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
     """x + N(0, sigma^2) per pixel and channel, clipped to [0, 1]."""
     sigma = check_float("sigma", sigma, 0.0, 1.0)
-    g = torch.Generator().manual_seed(int(seed))
+    g = corruption_generator("gaussian", seed)
     noise = torch.randn(_check_images(x).shape, generator=g).to(x.device, x.dtype)
     return (x + sigma * noise).clamp(0, 1)
 
@@ -39,7 +49,7 @@ def salt_and_pepper(x: torch.Tensor, p: float, seed: int = 0) -> torch.Tensor:
     """Each *pixel* (all its channels together) becomes white or black with probability p,
     half each."""
     p = check_float("p", p, 0.0, 1.0)
-    g = torch.Generator().manual_seed(int(seed))
+    g = corruption_generator("salt_pepper", seed)
     b, _, h, w = _check_images(x).shape
     hit = (torch.rand((b, 1, h, w), generator=g) < p).to(x.device)
     salt = (torch.rand((b, 1, h, w), generator=g) < 0.5).to(x.device, x.dtype)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from tendiff.attacks import (autoattack_l2, gaussian_noise, pgd_eot_ddim_surrogate, pgd_l2, pgd_linf,
                              salt_and_pepper)
 from tendiff.classifiers import build_classifier
-from tendiff.diffusion import GaussianDiffusion, purify_batch
+from tendiff.diffusion import GaussianDiffusion, purify, purify_batch
 from tendiff.unet import UNet, preset
 
 
@@ -37,6 +37,19 @@ def test_gaussian_noise_stays_in_range_and_is_seeded():
     assert not torch.equal(a, gaussian_noise(x, 0.2, seed=4))
     mid = torch.full((1, 1, 100, 100), 0.5)
     assert gaussian_noise(mid, 0.05).std().item() == pytest.approx(0.05, rel=0.05)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_corruption_noise_is_independent_of_the_purifier_noise_with_the_same_seed(purifier, seed):
+    # The app and the evaluation corrupt and purify with one seed: the two noises must not be one draw.
+    x, d, t = torch.full((4, 1, 28, 28), 0.5), GaussianDiffusion(), 100
+    corruption = (gaussian_noise(x, 0.1, seed=seed) - x).flatten()
+    diffused = next(purify(purifier, d, x, t, seed=seed)).x_t  # frame 0: the input diffused to t
+    a = float(d.alphas_cumprod[t])
+    forward = ((diffused - a ** 0.5 * (2 * x - 1)) / (1 - a) ** 0.5).flatten()
+    assert abs(torch.corrcoef(torch.stack([corruption, forward]))[0, 1].item()) < 0.1
+    hit = (salt_and_pepper(x, 0.5, seed=seed) != x).float().flatten()
+    assert abs(torch.corrcoef(torch.stack([hit, forward.abs()]))[0, 1].item()) < 0.1
 
 
 def test_salt_and_pepper_hits_whole_pixels():
