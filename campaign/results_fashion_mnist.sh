@@ -5,8 +5,9 @@
 # A (done 2026-12-07): none dense dense/adaptive-t tt-r4 ttm-r4 tt-r8 median3 adaptive_median
 set -e
 common="--dataset fashion_mnist --corruptions none gaussian salt_pepper pgd_linf autoattack_l2 adaptive exact --n 200 --n-attack 100 --seeds 10 --no-timing --attack-chunk 25 --attack-cache campaign/attacks --out docs --merge --add-rows"
-case ${1:?group: B1 B2 B3 C} in
-  B1) rows="dense/vote8 authors-r3 tt-r16 gaussian_blur tv" ;;
+case ${1:?group: B1 V B2 B3 C} in
+  B1) rows="authors-r3 tt-r16 gaussian_blur tv" ;;
+  V)  rows="dense/vote8" ;;  # 8 purifications per prediction: about 5 h alone
   B2) rows="tt-r1 tt-r2 tt-r3" ;;
   B3) rows="ttm-r1 ttm-r2 ttm-r3" ;;
   C)  rows="nlm bm3d tucker median3+dense/adaptive-t median3+ttm-r4/adaptive-t" ;;
