@@ -1,6 +1,8 @@
 """Gaussian noise clipped to [0, 1] is not zero-mean: how much of a purifier's loss comes from that.
 
 ``python scripts/clipped_noise.py --dataset mnist --purifiers ttm-r3 tt-r4 dense --t-star 80 200``
+(classical purifiers by name too, ``--purifiers median3 tv``: their input must be in [0, 1], so
+they get only the clipped input, and the last column takes the shift out of their output instead)
 
 On a dark background, clipping the protocol's Gaussian noise to [0, 1] keeps only its positive
 half, so the noisy image is brighter on average than the clean one; the diffusion model was
@@ -19,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 
 from tendiff import checkpoints as ckpt  # noqa: E402
+from tendiff import classical  # noqa: E402
 from tendiff.attacks import corruption_generator, gaussian_noise  # noqa: E402
 from tendiff.classifiers import predict  # noqa: E402
 from tendiff.data import DATASETS, load_dataset  # noqa: E402
@@ -52,11 +55,17 @@ def main() -> None:
     diffusion, classifier = GaussianDiffusion(), ckpt.load_model(ckpt.checkpoint_name(args.dataset, "classifier"))
     print("| purifier | t* | " + " | ".join(inputs) + " |\n|---|---|" + "---|" * len(inputs))
     for name in args.purifiers:
-        model = ckpt.load_model(ckpt.checkpoint_name(args.dataset, name))
-        for t in args.t_star:
-            accs = [(predict(classifier, purify_chunks(model, diffusion, v, t, args.seed + 1)).argmax(1) == y)
-                    .float().mean().item() for v in inputs.values()]
-            print(f"| {name} | {t} | " + " | ".join(f"{100 * a:.1f}" for a in accs) + " |", flush=True)
+        if name in classical.CLASSICAL:  # deterministic, no t*; its input must stay in [0, 1]
+            out = classical.purify(name, inputs["clipped"])
+            outs = {"-": [out, None, (out - (out - x).mean()).clamp(0, 1)]}  # the shift taken out of its output
+        else:
+            model = ckpt.load_model(ckpt.checkpoint_name(args.dataset, name))
+            outs = {t: [purify_chunks(model, diffusion, v, t, args.seed + 1) for v in inputs.values()]
+                    for t in args.t_star}
+        for t, row in outs.items():
+            accs = ["-" if o is None else f"{100 * (predict(classifier, o).argmax(1) == y).float().mean().item():.1f}"
+                    for o in row]
+            print(f"| {name} | {t} | " + " | ".join(accs) + " |", flush=True)
 
 
 if __name__ == "__main__":
