@@ -191,11 +191,32 @@ def prepare_image(image, dataset: str, limits: UploadLimits = UploadLimits()) ->
     or a saved model view, enlarged). Everything else with ink on it is centred; a blank image is not.
     """
     check_dataset(dataset)
+    img = _to_pil(image, limits)
+    _check_upload(img, limits)
+    source_mode = img.mode
+    original = f"{img.width}x{img.height} {source_mode}"
+    c, H, W = IMAGE_SHAPE[dataset]
+    img, steps = _to_colour_mode(_opaque_8bit(img), c, source_mode)
+    arr, inverted, fit_steps = _fit_to_dataset(img, dataset)
+    tensor = torch.from_numpy(arr.copy()).float().div(255)
+    tensor = tensor[None, None] if c == 1 else tensor.permute(2, 0, 1)[None]
+    mode = "gray" if c == 1 else "RGB"
+    steps += fit_steps
+    message = f"Model input: {W}x{H} {mode}, from a {original} image" + (f"; {', '.join(steps)}." if steps else " (unchanged).")
+    return Prepared(tensor.contiguous(), message, inverted)
+
+
+def _to_pil(image, limits: UploadLimits) -> Image.Image:
+    """A tensor ((1,) C, H, W), array or upload (path, bytes, PIL image) as a PIL image."""
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
         image = image[0] if image.ndim == 4 else image
         image = np.moveaxis(image, 0, -1) if image.ndim == 3 and image.shape[0] in (1, 3) else image
-    img = _array_to_pil(image) if isinstance(image, np.ndarray) else _open_upload(image, limits)
+    return _array_to_pil(image) if isinstance(image, np.ndarray) else _open_upload(image, limits)
+
+
+def _check_upload(img: Image.Image, limits: UploadLimits) -> None:
+    """Refuses animations, sizes outside the limits, 16-bit and damaged images; loads the pixels."""
     if getattr(img, "is_animated", False) or getattr(img, "n_frames", 1) > 1:
         raise ValueError("animated images are not supported; upload a single still frame")
     w, h = img.size
@@ -204,13 +225,16 @@ def prepare_image(image, dataset: str, limits: UploadLimits = UploadLimits()) ->
     if min(w, h) < limits.min_side:
         raise ValueError(f"the image is {w}x{h} pixels, too small to be recognised; "
                          f"at least {limits.min_side} on a side is needed")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I") or img.mode.startswith("I;16"):
+    if img.mode == "I" or img.mode.startswith("I;16"):
         raise ValueError(f"16-bit images (mode {img.mode}) are not supported; save the image with 8 bits per channel")
     try:
         img.load()
     except Exception as exc:
         raise ValueError(f"the image file is damaged or truncated ({type(exc).__name__})") from None
-    source_mode = img.mode
+
+
+def _opaque_8bit(img: Image.Image) -> Image.Image:
+    """Float images in [0, 1] as 8-bit gray, palettes as RGB(A); refuses transparent pixels."""
     if img.mode == "F":
         # A float image (e.g. a 32-bit TIFF written from an array): accepted when it holds
         # finite values in [0, 1], which _array_to_pil checks before rounding to 8 bits.
@@ -218,48 +242,48 @@ def prepare_image(image, dataset: str, limits: UploadLimits = UploadLimits()) ->
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
-        alpha = img.convert("RGBA").getchannel("A")
-        if alpha.getextrema()[0] < 255:
+        if img.convert("RGBA").getchannel("A").getextrema()[0] < 255:
             raise ValueError("the image has transparent pixels; flatten it onto a background and upload it again")
-    original = f"{w}x{h} {source_mode}"
-    steps = []
+    return img
+
+
+def _to_colour_mode(img: Image.Image, channels: int, source_mode: str) -> tuple[Image.Image, list[str]]:
+    """The image in gray (1 channel) or RGB (3), with the step to say when it changed."""
+    img = img.convert("L" if channels == 1 else "RGB")
+    gray_source = source_mode in ("L", "1", "F")
+    if img.mode == "L" and not gray_source:
+        return img, [f"converted from {source_mode} to grayscale"]
+    if img.mode == "RGB" and source_mode != "RGB":
+        return img, [f"converted from {source_mode} to RGB" + (" (gray copied to 3 channels)" if gray_source else "")]
+    return img, []
+
+
+def _fit_to_dataset(img: Image.Image, dataset: str) -> tuple[np.ndarray, bool, list[str]]:
+    """The pixels at the dataset's size, as uint8, whether they were inverted, and the steps taken:
+    MNIST-like drawings and photos centred like the dataset's images, everything else cropped to the
+    centre square and resized (gray images on a light background inverted)."""
     c, H, W = IMAGE_SHAPE[dataset]
-    img = img.convert("L" if c == 1 else "RGB")
-    if img.mode == "L" and source_mode not in ("L", "1", "F"):
-        steps.append(f"converted from {source_mode} to grayscale")
-    elif img.mode == "RGB" and source_mode != "RGB":
-        steps.append(f"converted from {source_mode} to RGB" + (" (gray copied to 3 channels)" if source_mode in ("L", "1", "F") else ""))
-    centred = None
     if dataset in CENTRING and not in_dataset_format(img, (W, H)):
         full = np.asarray(img, dtype=np.uint8)
         light = _light_background(full)
         centred = centre_like_dataset(255 - full if light else full, dataset)
-    if centred is not None:  # the centring crops and scales the ink itself: no centre square, no resize
-        arr, inverted = centred, light
-        if inverted:
-            steps.append(INVERTED)
-        steps.append(CENTRING[dataset].note)
-    else:
-        if w != h:
-            side = min(w, h)
-            img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-            steps.append("cropped to the centre square")
-        if img.size != (W, H):
-            factor = img.size[0] / W
-            exact = factor == int(factor) and img.size[1] == H * int(factor)
-            img = img.resize((W, H), Image.BOX if exact else Image.LANCZOS)
-            steps.append(f"resized to {W}x{H}")
-        inverted = False
-        arr = np.asarray(img, dtype=np.uint8)
-        if c == 1 and _light_background(arr):
-            arr = 255 - arr
-            inverted = True
-            steps.append(INVERTED)
-    tensor = torch.from_numpy(arr.copy()).float().div(255)
-    tensor = tensor[None, None] if c == 1 else tensor.permute(2, 0, 1)[None]
-    mode = "gray" if c == 1 else "RGB"
-    message = f"Model input: {W}x{H} {mode}, from a {original} image" + (f"; {', '.join(steps)}." if steps else " (unchanged).")
-    return Prepared(tensor.contiguous(), message, inverted)
+        if centred is not None:  # the centring crops and scales the ink itself: no centre square, no resize
+            return centred, light, ([INVERTED] if light else []) + [CENTRING[dataset].note]
+    steps = []
+    w, h = img.size
+    if w != h:
+        side = min(w, h)
+        img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+        steps.append("cropped to the centre square")
+    if img.size != (W, H):
+        factor = img.size[0] / W
+        exact = factor == int(factor) and img.size[1] == H * int(factor)
+        img = img.resize((W, H), Image.BOX if exact else Image.LANCZOS)
+        steps.append(f"resized to {W}x{H}")
+    arr = np.asarray(img, dtype=np.uint8)
+    if c == 1 and _light_background(arr):
+        return 255 - arr, True, steps + [INVERTED]
+    return arr, False, steps
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
