@@ -29,12 +29,29 @@ def _check_images(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# Bumped whenever an attack's output for the same inputs and seed changes, so that cached attacks
+# (``python -m tendiff.evaluate --attack-cache``) made by older code are not reused.
+# 2: random starts drawn apart from the purifier's noise (derived_seed).
+ATTACK_VERSION = 2
+
+
+def derived_seed(purpose: str, seed: int) -> int:
+    """The seed of the random stream for ``purpose`` (a corruption, an attack's random start) with
+    ``seed``: a hash of both, so that it is never the stream :func:`tendiff.diffusion.purify` draws
+    its forward noise from with the same seed (the same numbers: the two noises would add up
+    coherently, not independently, or an attack would start from the defense's own noise)."""
+    digest = hashlib.sha256(f"{purpose}:{int(seed)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def corruption_generator(kind: str, seed: int) -> torch.Generator:
-    """The random stream of corruption ``kind`` with ``seed``: a hash of both, so that it is never
-    the stream :func:`tendiff.diffusion.purify` draws its forward noise from with the same seed
-    (the same numbers: the two noises would add up coherently, not independently)."""
-    digest = hashlib.sha256(f"corruption:{kind}:{int(seed)}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    """The random stream of corruption ``kind`` with ``seed`` (see :func:`derived_seed`)."""
+    return torch.Generator().manual_seed(derived_seed(f"corruption:{kind}", seed))
+
+
+def start_generator(seed: int) -> torch.Generator:
+    """The random stream of an attack's random start with ``seed`` (see :func:`derived_seed`)."""
+    return torch.Generator().manual_seed(derived_seed("attack-start", seed))
 
 
 def gaussian_noise(x: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
@@ -61,7 +78,7 @@ def _run_torchattack(attack, x, y, seed) -> torch.Tensor:
     # without disturbing the caller's stream.
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed))
+        torch.manual_seed(derived_seed("attack-start", seed))
         return attack(_check_images(x), y).detach()
 
 
@@ -88,7 +105,8 @@ def autoattack_l2(classifier, x, y, eps: float = 0.5, version: str = "standard",
     import torchattacks
 
     eps = check_float("eps", eps, 0.0, 100.0)
-    attack = torchattacks.AutoAttack(classifier.eval(), norm="L2", eps=eps, version=version, n_classes=10, seed=int(seed))
+    attack = torchattacks.AutoAttack(classifier.eval(), norm="L2", eps=eps, version=version, n_classes=10,
+                                    seed=derived_seed("attack-start", seed))
     return _run_torchattack(attack, x, y, seed)
 
 
@@ -108,7 +126,7 @@ def pgd_eot_ddim_surrogate(classifier, purifier, diffusion: GaussianDiffusion, x
     x = _check_images(x).detach()
     classifier.eval()
     purifier.eval()
-    g = torch.Generator().manual_seed(int(seed))
+    g = start_generator(seed)
     delta = (torch.rand(x.shape, generator=g) * 2 - 1).to(x.device) * eps
     x_adv = (x + delta).clamp(0, 1)
     for it in range(int(steps)):
@@ -220,7 +238,7 @@ def pgd_eot_exact(classifier, purifier, diffusion: GaussianDiffusion, x, y, eps:
 
     x_adv = x.clone()
     if random_start and eps > 0:
-        g = torch.Generator().manual_seed(int(seed))
+        g = start_generator(seed)
         if norm == "linf":
             delta = torch.rand(x.shape, generator=g, dtype=x.dtype) * 2 - 1
         else:  # uniform in the L2 ball: a random direction, radius eps u^(1/d)
@@ -249,7 +267,7 @@ def pgd_linf_from_grad(x, grad_fn, eps: float, steps: int, alpha: float | None =
     eps = check_float("eps", eps, 0.0, 1.0)
     alpha = 2.5 * eps / max(int(steps), 1) if alpha is None else check_float("alpha", alpha, 0.0, 1.0)
     x = _check_images(x).detach()
-    g = torch.Generator().manual_seed(int(seed))
+    g = start_generator(seed)
     x_adv = (x + eps * (torch.rand(x.shape, generator=g, dtype=x.dtype) * 2 - 1).to(x.device)).clamp(0, 1)
     for it in range(int(steps)):
         grad = grad_fn(x_adv, it)

@@ -379,11 +379,12 @@ class Evaluation:
             return self._chunked(x, y, lambda xs, ys, sd: attacks.pgd_eot_ddim_surrogate(
                 self.classifier, defense.model, self.diffusion, xs, ys, eps, defense.t_star,
                 steps=cfg.adaptive_steps, eot=cfg.adaptive_eot, surrogate_steps=cfg.surrogate_steps, seed=sd),
-                (corruption, defense.identity, eps, cfg.adaptive_steps, cfg.adaptive_eot, cfg.surrogate_steps))
+                (corruption, defense.identity, eps, cfg.adaptive_steps, cfg.adaptive_eot, cfg.surrogate_steps,
+                 attacks.ATTACK_VERSION))
         if corruption == "exact":
             return self._chunked(x, y, lambda xs, ys, sd: defense.exact_attack(
                 self.classifier, xs, ys, eps, cfg.exact_steps, cfg.exact_eot, sd),
-                (corruption, defense.identity, eps, cfg.exact_steps, cfg.exact_eot))
+                (corruption, defense.identity, eps, cfg.exact_steps, cfg.exact_eot, attacks.ATTACK_VERSION))
         raise ValueError(f"{corruption!r} is not crafted per defense")
 
     def _chunked(self, x, y, attack, settings: tuple) -> tuple[torch.Tensor, float]:
@@ -445,6 +446,8 @@ class Evaluation:
                 "seconds": time.perf_counter() - t0 + (attack_seconds if crafted_for == defense.name else 0.0)}
         if attack_seconds is not None:
             cell.update(attack_seconds=attack_seconds, attack_crafted_for=crafted_for)
+        if corruption in ATTACKS:
+            cell.update(attack_version=attacks.ATTACK_VERSION)
         return cell
 
     # -- costs
@@ -693,7 +696,19 @@ def not_evaluated(res: dict) -> list[str]:
     for s in res.get("skipped", []):
         reasons.setdefault((s["corruption"], s["reason"]), []).append(s["purifier"])
     out += [f"Not run in the {PROTOCOL[c].short} column: {', '.join(p)}: {why}." for (c, why), p in reasons.items()]
+    out += older_attacks(res)
     return [line + "  " for line in out] + ([""] if out else [])
+
+
+def older_attacks(res: dict) -> list[str]:
+    """A line naming the rows whose attack cells older attack code made (see attacks.ATTACK_VERSION)."""
+    old = {c["purifier"]: c.get("attack_version", 1) for c in res["cells"]
+           if c["corruption"] in ATTACKS and c.get("attack_version", 1) < attacks.ATTACK_VERSION}
+    if not old:
+        return []
+    return [f"Attack columns made by older attack code (version {min(old.values())}; now "
+            f"{attacks.ATTACK_VERSION}: their random starts were drawn from the stream of purification run 0): "
+            f"{', '.join(old)}."]
 
 
 def ms(seconds: float | None, digits: int = 1) -> str:

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tendiff.attacks import (autoattack_l2, gaussian_noise, pgd_eot_ddim_surrogate, pgd_l2, pgd_linf,
-                             salt_and_pepper)
+from tendiff.attacks import (autoattack_l2, gaussian_noise, pgd_eot_ddim_surrogate, pgd_eot_exact, pgd_l2,
+                             pgd_linf, pgd_linf_from_grad, salt_and_pepper)
 from tendiff.classifiers import build_classifier
 from tendiff.diffusion import GaussianDiffusion, purify, purify_batch
 from tendiff.unet import UNet, preset
@@ -42,14 +42,36 @@ def test_gaussian_noise_stays_in_range_and_is_seeded():
 @pytest.mark.parametrize("seed", [0, 5])
 def test_corruption_noise_is_independent_of_the_purifier_noise_with_the_same_seed(purifier, seed):
     # The app and the evaluation corrupt and purify with one seed: the two noises must not be one draw.
-    x, d, t = torch.full((4, 1, 28, 28), 0.5), GaussianDiffusion(), 100
+    x, t = torch.full((4, 1, 28, 28), 0.5), 100
     corruption = (gaussian_noise(x, 0.1, seed=seed) - x).flatten()
-    diffused = next(purify(purifier, d, x, t, seed=seed)).x_t  # frame 0: the input diffused to t
-    a = float(d.alphas_cumprod[t])
-    forward = ((diffused - a ** 0.5 * (2 * x - 1)) / (1 - a) ** 0.5).flatten()
+    forward = forward_noise(purifier, x, t, seed)
     assert abs(torch.corrcoef(torch.stack([corruption, forward]))[0, 1].item()) < 0.1
     hit = (salt_and_pepper(x, 0.5, seed=seed) != x).float().flatten()
     assert abs(torch.corrcoef(torch.stack([hit, forward.abs()]))[0, 1].item()) < 0.1
+
+
+def forward_noise(purifier, x, t, seed):
+    """The noise purify(seed) diffuses x with to step t."""
+    d = GaussianDiffusion()
+    diffused = next(purify(purifier, d, x, t, seed=seed)).x_t  # frame 0: the input diffused to t
+    a = float(d.alphas_cumprod[t])
+    return ((diffused - a ** 0.5 * (2 * x - 1)) / (1 - a) ** 0.5).flatten()
+
+
+@pytest.mark.parametrize("attack", ["exact", "surrogate", "from_grad", "pgd_linf"])
+def test_an_attack_does_not_start_from_the_purifier_noise_with_the_same_seed(classifier, purifier, attack):
+    # The evaluation crafts an attack chunk with seed s and purifies it with seeds 0, 1, ...: with one
+    # stream, the random start (uniforms) would correlate with the forward noise (Box-Muller on them).
+    x, y, eps, t, seed = torch.full((4, 1, 28, 28), 0.5), torch.arange(4), 0.1, 100, 0
+    d = GaussianDiffusion()
+    start = {"exact": lambda: pgd_eot_exact(classifier, purifier, d, x, y, eps, t, steps=0, seed=seed),
+             "surrogate": lambda: pgd_eot_ddim_surrogate(classifier, purifier, d, x, y, eps, t, steps=0,
+                                                                alpha=eps, seed=seed),
+             "from_grad": lambda: pgd_linf_from_grad(x, None, eps, steps=0, seed=seed),
+             "pgd_linf": lambda: pgd_linf(classifier, x, y, eps, alpha=eps, steps=0, seed=seed)}[attack]()
+    delta = (start - x).flatten()
+    assert delta.abs().max() <= eps + 1e-6 and delta.std() > eps / 3  # a real random start
+    assert abs(torch.corrcoef(torch.stack([delta, forward_noise(purifier, x, t, seed)]))[0, 1].item()) < 0.1
 
 
 def test_salt_and_pepper_hits_whole_pixels():

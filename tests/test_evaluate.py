@@ -125,6 +125,13 @@ def test_attack_cache_resumes_from_the_chunks_already_made(tiny_world, monkeypat
     assert again["attack_seconds"] > 0
     evaluate_main([*args[:11], "3", *args[12:]])  # another budget: another attack
     assert len(calls) == 7 and len(list(cache.glob("*.safetensors"))) == 6
+    assert "older attack code" not in (out / "results.md").read_text()
+    monkeypatch.setattr(attacks, "ATTACK_VERSION", attacks.ATTACK_VERSION + 1)  # new attack code: new attacks
+    evaluate_main(args)
+    assert len(calls) == 10 and len(list(cache.glob("*.safetensors"))) == 9
+    monkeypatch.setattr(attacks, "ATTACK_VERSION", attacks.ATTACK_VERSION + 1)  # the rows above are now older
+    evaluate_main([*args, "--merge", "--add-rows", "--purifiers", "none"])
+    assert "older attack code (version" in (out / "results.md").read_text()
     capsys.readouterr()
 
 
