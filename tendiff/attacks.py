@@ -227,36 +227,36 @@ def pgd_eot_exact(classifier, purifier, diffusion: GaussianDiffusion, x, y, eps:
     x = _check_images(x).detach()
     classifier.eval()
     purifier.eval()
-
-    def project(x_adv: torch.Tensor) -> torch.Tensor:
-        delta = x_adv - x
-        if norm == "linf":
-            delta = delta.clamp(-eps, eps)
-        else:
-            delta = delta * (eps / _l2_norms(delta).clamp_min(1e-12)).clamp(max=1.0)
-        return (x + delta).clamp(0, 1)
-
-    x_adv = x.clone()
-    if random_start and eps > 0:
-        g = start_generator(seed)
-        if norm == "linf":
-            delta = torch.rand(x.shape, generator=g, dtype=x.dtype) * 2 - 1
-        else:  # uniform in the L2 ball: a random direction, radius eps u^(1/d)
-            direction = torch.randn(x.shape, generator=g, dtype=x.dtype)
-            u = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), generator=g, dtype=x.dtype)
-            delta = direction / _l2_norms(direction) * u ** (1.0 / x[0].numel())
-        x_adv = project(x + eps * delta.to(x.device))
+    x_adv = _project(x + eps * _random_start(x, norm, seed), x, eps, norm) if random_start and eps > 0 else x.clone()
     for it in range(steps):
         x_in = x_adv if prefilter is None else prefilter(x_adv)
         _, grad = defense_loss_grad(classifier, purifier, diffusion, x_in, y, t_star, num_steps,
                                     eot_seeds(seed, it, eot), method, checkpoint)
         with torch.no_grad():
-            if norm == "linf":
-                x_adv = x_adv + alpha * grad.sign()
-            else:
-                x_adv = x_adv + alpha * grad / _l2_norms(grad).clamp_min(1e-12)
-            x_adv = project(x_adv)
+            step = grad.sign() if norm == "linf" else grad / _l2_norms(grad).clamp_min(1e-12)
+            x_adv = _project(x_adv + alpha * step, x, eps, norm)
     return x_adv.detach()
+
+
+def _random_start(x: torch.Tensor, norm: str, seed: int) -> torch.Tensor:
+    """A uniformly random point of the unit ball of ``norm`` per image (from :func:`start_generator`)."""
+    g = start_generator(seed)
+    if norm == "linf":
+        return (torch.rand(x.shape, generator=g, dtype=x.dtype) * 2 - 1).to(x.device)
+    # uniform in the L2 ball: a random direction, radius u^(1/d)
+    direction = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    u = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), generator=g, dtype=x.dtype)
+    return (direction / _l2_norms(direction) * u ** (1.0 / x[0].numel())).to(x.device)
+
+
+def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """x_adv moved into the ``norm`` eps-ball around x and into [0, 1]."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        delta = delta * (eps / _l2_norms(delta).clamp_min(1e-12)).clamp(max=1.0)
+    return (x + delta).clamp(0, 1)
 
 
 # ------------------------------------------------------------ BPDA
