@@ -30,7 +30,7 @@ run() {  # run NAME ARGS...: train checkpoints/<ds>_NAME.safetensors unless camp
   date -u +%FT%TZ > "$dir/$name.done"
 }
 [ -f "checkpoints/${ds}_classifier.safetensors" ] || run classifier classifier $cls
-run dense purifier --until-converged --steps 20000
+run dense purifier --until-converged --steps 20000 --compile  # 1.24x on CPU (docs/performance.md)
 # The app's "unlike the dataset" warning is measured with these dense weights (tendiff.familiar).
 if [ ! -f "$dir/familiar.done" ]; then
   python scripts/familiar_reference.py --dataset "$ds" >> "$dir/familiar.log" 2>&1 && date -u +%FT%TZ > "$dir/familiar.done"

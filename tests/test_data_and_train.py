@@ -93,6 +93,18 @@ def test_until_converged_stops_early_and_records_the_curve(fake_cache):
     assert ttm.config.conv == "ttm" and ttm.num_parameters() < entry["parameters"]
 
 
+def test_a_compiled_run_saves_and_resumes_the_plain_model(fake_cache, monkeypatch):
+    compiled = []
+    real = torch.compile  # the eager backend: dynamo's wrapping without minutes of code generation
+    monkeypatch.setattr(torch, "compile", lambda m, **k: compiled.append(m) or real(m, backend="eager"))
+    run = ["purifier", "--dataset", "mnist", "--batch-size", "8", "--save-every", "1", "--run-dir", str(fake_cache / "c")]
+    train_main([*run, "--steps", "2", "--compile"])
+    state = torch.load(fake_cache / "c" / "state.pt", weights_only=True)
+    assert len(compiled) == 1 and state["step"] == 2 and not any(k.startswith("_orig_mod") for k in state["model"])
+    train_main([*run, "--steps", "3", "--resume"])  # an eager resume of a compiled run
+    assert ckpt.load_model("mnist_dense.safetensors").config.conv == "dense"
+
+
 @pytest.mark.skipif(not dataset_available("mnist"), reason="MNIST is not on this machine")
 def test_real_mnist_loads():
     data = load_dataset("mnist", "test")
