@@ -48,8 +48,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (the app's default is 0)")
     args = p.parse_args()
     studio = Studio()
-    print("| dataset | purifier | t* | clean | corrupted | purified (seed 0) | purified, mean over seeds |")
-    print("|---|---|---|---|---|---|---|")
+    print("| dataset | purifier | t* | clean | corrupted | purified (seed 0) | purified, mean over seeds | "
+          "per seed: purified (corrupted) |")
+    print("|---|---|---|---|---|---|---|---|")
     for dataset in args.dataset:
         n = len(bundled(dataset))
         for model in args.purifiers:
@@ -58,7 +59,8 @@ def main() -> None:
                 clean, corrupted, first = counts[0]
                 mean = sum(c[2] for c in counts) / len(counts)
                 print(f"| {dataset} | {model} | {'adaptive (app default)' if t_star else 'fixed'} | {clean}/{n} | {corrupted}/{n} | "
-                      f"{first}/{n} | {mean:.1f}/{n} ({args.seeds} seeds) |", flush=True)
+                      f"{first}/{n} | {mean:.1f}/{n} ({args.seeds} seeds) | "
+                      f"{', '.join(f'{c[2]} ({c[1]})' for c in counts)} |", flush=True)
 
 
 if __name__ == "__main__":
