@@ -49,9 +49,13 @@ def corruption_generator(kind: str, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(derived_seed(f"corruption:{kind}", seed))
 
 
+def start_seed(seed: int) -> int:
+    """The seed of an attack's random start with ``seed`` (see :func:`derived_seed`)."""
+    return derived_seed("attack-start", seed)
+
+
 def start_generator(seed: int) -> torch.Generator:
-    """The random stream of an attack's random start with ``seed`` (see :func:`derived_seed`)."""
-    return torch.Generator().manual_seed(derived_seed("attack-start", seed))
+    return torch.Generator().manual_seed(start_seed(seed))
 
 
 def gaussian_noise(x: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
@@ -78,7 +82,7 @@ def _run_torchattack(attack, x, y, seed) -> torch.Tensor:
     # without disturbing the caller's stream.
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(derived_seed("attack-start", seed))
+        torch.manual_seed(start_seed(seed))
         return attack(_check_images(x), y).detach()
 
 
@@ -106,7 +110,7 @@ def autoattack_l2(classifier, x, y, eps: float = 0.5, version: str = "standard",
 
     eps = check_float("eps", eps, 0.0, 100.0)
     attack = torchattacks.AutoAttack(classifier.eval(), norm="L2", eps=eps, version=version, n_classes=10,
-                                    seed=derived_seed("attack-start", seed))
+                                    seed=start_seed(seed))
     return _run_torchattack(attack, x, y, seed)
 
 
