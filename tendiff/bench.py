@@ -129,7 +129,7 @@ def on_threads(threads: int, fn):
 
 
 def bench_purify(dataset: str, batch_sizes, ranks, t_star: int, steps: int, repeats: int,
-                 compile_models: bool = False) -> list[dict]:
+                 compile_models: bool = False, layouts=("tt",)) -> list[dict]:
     """Whole purifications, all models timed round-robin; with ``compile_models``, also
     torch.compile'd dense and tt-r2, with the seconds their first call took (compilation).
     Dense channels-last and tt-r2 are also timed on one thread: at batch 1 the TT model's ops are
@@ -137,7 +137,7 @@ def bench_purify(dataset: str, batch_sizes, ranks, t_star: int, steps: int, repe
     cfg = preset(dataset)
     diffusion = GaussianDiffusion()
     models = [("dense", "nchw", UNet(cfg).eval()), ("dense", "channels-last", UNet(cfg).eval().use_channels_last())]
-    models += [(f"tt-r{r}", "auto", UNet(preset(dataset, "tt", r)).eval()) for r in ranks]
+    models += [(f"{layout}-r{r}", "auto", UNet(preset(dataset, layout, r)).eval()) for layout in layouts for r in ranks]
     if torch.get_num_threads() > 1:  # (dense too, so that the best dense is the best of every setting)
         models += [("dense", "channels-last, 1 thread", UNet(cfg).eval().use_channels_last()),
                    ("tt-r2", "auto, 1 thread", UNet(preset(dataset, "tt", 2)).eval())]
@@ -314,7 +314,8 @@ def main(argv=None):
         print(format_table(bench_layers(args.dataset, bs, args.ranks, args.repeats), ["layer", "model", "mode", "batch", "ms", "x"]))
     if "purify" not in args.skip:
         print(f"\n## Whole purification, t*={args.t_star}, {args.steps} DDIM steps (median ms)\n")
-        rows = bench_purify(args.dataset, bs, args.ranks, args.t_star, args.steps, args.repeats, args.compile)
+        rows = bench_purify(args.dataset, bs, args.ranks, args.t_star, args.steps, args.repeats, args.compile,
+                            args.layouts)
         extra = [f"b{b}_compile_s" for b in bs] if args.compile else []
         print(format_table(rows, ["model", "mode"] + cols + extra))
         if args.compile:

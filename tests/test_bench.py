@@ -16,6 +16,13 @@ def test_bench_prints_forward_layer_and_purification_tables(capsys):
     assert "b2_x" in purify and "peak resident memory" in out
 
 
+def test_whole_purification_times_every_requested_layout(capsys):
+    bench.main(["--batch-sizes", "1", "--ranks", "1", "--layouts", "tt", "ttm", "--repeats", "1", "--steps", "1",
+                "--skip", "forward", "layers", "long", "throughput", "app"])
+    purify = capsys.readouterr().out.split("## Whole purification")[1]
+    assert "| tt-r1 | auto |" in purify and "| ttm-r1 | auto |" in purify
+
+
 def test_allocator_tuning_applies_on_glibc_linux():
     import platform
 
