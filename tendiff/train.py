@@ -32,7 +32,7 @@ from .protocol import model_label as protocol_label
 from . import cli
 from .runtime import machine, tune_allocator
 from .tt import LAYOUTS
-from .unet import UNet, preset, unet_from_dense
+from .unet import UNet, UNetConfig, preset, unet_from_dense
 
 
 @dataclass
@@ -47,6 +47,8 @@ class TrainConfig:
     distill_from: str | None = cli.field(
         None, "purifier checkpoint whose noise estimate is the regression target instead of the sampled noise "
               "(distillation: the same minimiser, far less gradient noise)", type=str)
+    width: int | None = cli.field(None, "purifiers from scratch: channels at every U-Net level (default: the dataset's "
+                                  "preset, 48); for testing whether the preset is capacity-bound", type=int)
     conditional: bool = cli.field(False, "class-conditional purifier (label dropout, for classifier-free guidance)")
     steps: int = cli.field(5000, "optimizer steps (the cosine schedule spans them; with --until-converged, the cap)")
     until_converged: bool = cli.field(
@@ -172,13 +174,21 @@ def setup_device(cfg: TrainConfig) -> tuple[torch.device, int, int]:
     return device, rank, world
 
 
+def purifier_config(cfg: TrainConfig) -> UNetConfig:
+    """The U-Net of a purifier trained from scratch: the dataset's preset, --width wide if given."""
+    base = preset(cfg.dataset, cfg.conv, cfg.rank, num_classes=10 if cfg.conditional else 0)
+    return replace(base, channels=(cfg.width,) * len(base.channels)) if cfg.width else base
+
+
 def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, float]:
     """The network to train (from scratch, TT-SVD of --init-from, or its conditional copy) and its
     peak learning rate."""
     if cfg.what == "classifier":
         return build_classifier(cfg.dataset), cfg.lr or 2e-3
     if not cfg.init_from:
-        return UNet(preset(cfg.dataset, cfg.conv, cfg.rank, num_classes=10 if cfg.conditional else 0)), cfg.lr or 2e-3
+        return UNet(purifier_config(cfg)), cfg.lr or 2e-3
+    if cfg.width:
+        raise SystemExit("--width sets a network trained from scratch: it does not combine with --init-from")
     dense = ckpt.load_checkpoint(cfg.init_from)
     if cfg.conv != "dense":
         model = unet_from_dense(dense, cfg.rank, cfg.conv)
