@@ -2,7 +2,8 @@
 # docs/results.md on the retrained ladders, one dataset and row group at a time. Group A starts the
 # dataset's section anew; the others add their rows to it (--add-rows). Exact and surrogate attack
 # chunks are cached in campaign/attacks (keyed by the weights, settings and attacks.ATTACK_VERSION),
-# so a stopped group keeps its finished attacks.
+# so a stopped group keeps its finished attacks. The chunk names do not depend on --corruptions or --out:
+# a group's attacks can be crafted ahead with the same settings, --corruptions exact adaptive, --out /tmp/x.
 #   OMP_NUM_THREADS=1 nice -n 5 nohup bash campaign/results.sh mnist A >> campaign/results_mnist.out 2>&1 &
 # Done: fashion_mnist A (2026-12-07, attack columns with attack version 1).
 set -e
