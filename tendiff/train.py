@@ -76,10 +76,12 @@ class TrainConfig:
 
     @property
     def label(self) -> str:
-        """The checkpoint's model label: classifier, dense, tt-r2, ..., with -cond when conditional."""
+        """The checkpoint's model label: classifier, dense, tt-r2, ..., with -cond when conditional and
+        -w<width> at another width (so that a width experiment never overwrites the preset's weights)."""
         if self.what == "classifier":
             return "classifier"
-        return protocol_label(self.conv, self.rank) + ("-cond" if self.conditional else "")
+        return (protocol_label(self.conv, self.rank) + ("-cond" if self.conditional else "")
+                + (f"-w{self.width}" if self.width else ""))
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -187,8 +189,6 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, float]:
         return build_classifier(cfg.dataset), cfg.lr or 2e-3
     if not cfg.init_from:
         return UNet(purifier_config(cfg)), cfg.lr or 2e-3
-    if cfg.width:
-        raise SystemExit("--width sets a network trained from scratch: it does not combine with --init-from")
     dense = ckpt.load_checkpoint(cfg.init_from)
     if cfg.conv != "dense":
         model = unet_from_dense(dense, cfg.rank, cfg.conv)
@@ -207,6 +207,13 @@ def check_options(cfg: TrainConfig) -> None:
         raise SystemExit("--until-converged is for purifiers (it reads the held-out denoising loss)")
     if cfg.distill_from and (cfg.what != "purifier" or cfg.conditional):
         raise SystemExit("--distill-from takes an unconditional purifier run")
+    if cfg.width and (cfg.what != "purifier" or cfg.init_from):
+        raise SystemExit("--width sets a purifier trained from scratch: not a classifier, not with --init-from")
+    if cfg.width:
+        try:
+            purifier_config(cfg)
+        except ValueError as e:  # the U-Net's own check (e.g. widths divisible by the GroupNorm groups)
+            raise SystemExit(f"--width {cfg.width}: {e}") from None
 
 
 class Trainer:

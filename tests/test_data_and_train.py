@@ -105,13 +105,17 @@ def test_a_compiled_run_saves_and_resumes_the_plain_model(fake_cache, monkeypatc
     assert ckpt.load_model("mnist_dense.safetensors").config.conv == "dense"
 
 
-def test_width_trains_a_wider_purifier_whose_checkpoint_loads_at_that_width(fake_cache):
+def test_width_trains_a_wider_purifier_under_its_own_name(fake_cache):
     train_main(["purifier", "--dataset", "mnist", "--width", "16", "--steps", "2", "--batch-size", "8",
-                "--out", str(fake_cache / "ckpt" / "mnist_w16.safetensors"), "--run-dir", str(fake_cache / "w")])
-    assert ckpt.load_model("mnist_w16.safetensors").config.channels == (16, 16, 16)
-    with pytest.raises(SystemExit, match="--init-from"):
-        train_main(["purifier", "--dataset", "mnist", "--width", "16", "--steps", "1",
-                    "--init-from", str(fake_cache / "ckpt" / "mnist_w16.safetensors")])
+                "--run-dir", str(fake_cache / "w")])
+    assert ckpt.load_model("mnist_dense-w16.safetensors").config.channels == (16, 16, 16)
+    assert not (fake_cache / "ckpt" / "mnist_dense.safetensors").exists()  # the preset's name is left alone
+    for bad, message in ((["--init-from", str(fake_cache / "ckpt" / "mnist_dense-w16.safetensors")], "--init-from"),
+                         (["--width", "20"], "divisible by groups")):
+        with pytest.raises(SystemExit, match=message):
+            train_main(["purifier", "--dataset", "mnist", "--width", "16", "--steps", "1", *bad])
+    with pytest.raises(SystemExit, match="not a classifier"):
+        train_main(["classifier", "--dataset", "mnist", "--width", "16", "--steps", "1"])
 
 
 @pytest.mark.skipif(not dataset_available("mnist"), reason="MNIST is not on this machine")
