@@ -248,6 +248,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.peak_lr,
                                      weight_decay=0.0 if cfg.what == "purifier" else 5e-4)
         self.step, self.elapsed, self.resumed_at = 0, 0.0, None
+        self.segments: list[tuple[int, str]] = [(0, machine())]  # (first step, hardware) of each resumed part
         self.curve: list[tuple[int, float]] = []  # (step, held-out eps-MSE of the EMA weights)
         self.schedule = "constant" if cfg.until_converged else "cosine"
         self.warmup = min(50 if cfg.init_from else 200, cfg.steps // 10)
@@ -265,7 +266,7 @@ class Trainer:
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
                  "elapsed": self.elapsed, "generator": self.g.get_state(), "torch_rng": torch.get_rng_state(),
-                 "curve": self.curve}
+                 "curve": self.curve, "segments": [list(seg) for seg in self.segments]}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         tmp = self.state_path.with_name("state.tmp")
@@ -281,6 +282,9 @@ class Trainer:
         self.step, self.elapsed = state["step"], state["elapsed"]
         self.curve = [(int(a), float(b)) for a, b in state.get("curve", [])]
         self.resumed_at = self.step
+        # (states saved before segments were recorded did not say what ran their first part)
+        earlier = [(int(a), str(b)) for a, b in state.get("segments", [(0, "not recorded")])]
+        self.segments = [*earlier, (self.step, machine())]
         self.g.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         if self.rank == 0:
@@ -384,6 +388,13 @@ class Trainer:
         self.save()
 
     # -- the result
+    def hardware(self) -> str:
+        """What ran the steps: one machine, or each resumed part's ('steps 0-1163: ...; steps 1163-2000: ...')."""
+        if len({hw for _, hw in self.segments}) == 1:
+            return self.segments[0][1]
+        ends = [start for start, _ in self.segments[1:]] + [self.step]
+        return "; ".join(f"steps {start}-{end}: {hw}" for (start, hw), end in zip(self.segments, ends) if end > start)
+
     def finish(self, command: str) -> dict:
         """Write the final weights (the EMA for purifiers) and their manifest record."""
         cfg = self.cfg
@@ -398,7 +409,7 @@ class Trainer:
         record = {
             "command": command,
             "seed": cfg.seed, "steps": self.step, "batch_size": cfg.batch_size * self.world,
-            "wall_time_s": round(self.elapsed, 1), "hardware": machine(), "torch": torch.__version__,
+            "wall_time_s": round(self.elapsed, 1), "hardware": self.hardware(), "torch": torch.__version__,
             "t_max": cfg.t_max if cfg.what == "purifier" else None,
             "init_from": Path(cfg.init_from).name if cfg.init_from else None,
             "distill_from": Path(cfg.distill_from).name if cfg.distill_from else None,

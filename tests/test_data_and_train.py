@@ -40,7 +40,7 @@ def test_augment_keeps_shape_and_content():
     assert out.shape == x.shape and out.sum() == x.sum()  # a shift within the padding loses nothing
 
 
-def test_train_classifier_then_purifier_then_tt_from_dense_and_resume(fake_cache):
+def test_train_classifier_then_purifier_then_tt_from_dense_and_resume(fake_cache, monkeypatch):
     d = fake_cache / "ckpt"
     train_main(["classifier", "--dataset", "mnist", "--steps", "3", "--batch-size", "8",
                 "--run-dir", str(fake_cache / "run_c")])
@@ -60,12 +60,16 @@ def test_train_classifier_then_purifier_then_tt_from_dense_and_resume(fake_cache
     assert tt["config"]["conv"] == "tt" and tt["parameters"] < manifest["mnist_dense.safetensors"]["parameters"]
     assert "heldout_eps_mse_first1000" in tt["train_metrics"]
     assert ckpt.load_model("mnist_tt-r2.safetensors").config.rank == 2
-    # Resume: the state at step 4 continues to 6 rather than starting again.
+    # Resume: the state at step 4 continues to 6 rather than starting again; on another machine, each
+    # part's hardware is recorded.
+    first_machine = manifest["mnist_dense.safetensors"]["hardware"]
+    monkeypatch.setattr("tendiff.train.machine", lambda: "machine B")
     train_main(["purifier", "--dataset", "mnist", "--steps", "6", "--batch-size", "8", "--resume",
                 "--run-dir", str(fake_cache / "run_p")])
     manifest = json.loads((d / "manifest.json").read_text())["checkpoints"]
     assert manifest["mnist_dense.safetensors"]["steps"] == 6
     assert manifest["mnist_dense.safetensors"]["resumed_at_step"] == 4
+    assert manifest["mnist_dense.safetensors"]["hardware"] == f"steps 0-4: {first_machine}; steps 4-6: machine B"
 
 
 def test_convergence_rule_compares_the_best_loss_a_quarter_ago():
