@@ -26,7 +26,9 @@ defense: parameters, size on disk, MACs per forward, forwards and seconds per im
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import hashlib
 import json
 import math
@@ -889,6 +891,21 @@ def merge_results(results: list[dict], out_dir: Path, rows: bool = False) -> lis
     return sorted(kept + results, key=lambda r: order.get(r["config"]["dataset"], 99))
 
 
+@contextlib.contextmanager
+def results_lock(out_dir: Path):
+    """One writer at a time: evaluations run side by side (row groups, datasets) merge into one results.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def save_results(results: list[dict], out_dir: Path, command: str, merge: bool = False, rows: bool = False) -> None:
+    """Write the results to out_dir, merged with those already there (``merge``, ``rows``: :func:`merge_results`)."""
+    with results_lock(out_dir):
+        write_outputs(merge_results(results, out_dir, rows) if merge else results, out_dir, command)
+
+
 def write_outputs(results: list[dict], out_dir: Path, command: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for res in results:
@@ -967,9 +984,7 @@ def main(argv=None):
             record_metrics(result)
     if not results:
         raise SystemExit("nothing was evaluated: no classifier checkpoint for the chosen dataset(s)")
-    if args.merge:
-        results = merge_results(results, Path(args.out), args.add_rows)
-    write_outputs(results, Path(args.out), command)
+    save_results(results, Path(args.out), command, args.merge, args.add_rows)
     print((Path(args.out) / "results.md").read_text())
 
 

@@ -1,4 +1,5 @@
 import json
+import threading
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from tendiff.classifiers import build_classifier
 from tendiff.attacks import pgd_bpda
 from tendiff.defense import vote, vote_seeds
 from tendiff.diffusion import GaussianDiffusion
-from tendiff.evaluate import CLASSICAL_HEADING, EvalConfig, load_defenses, main as evaluate_main, wilson_interval
+from tendiff.evaluate import (CLASSICAL_HEADING, EvalConfig, load_defenses, main as evaluate_main, results_lock,
+                              save_results, wilson_interval)
 from tendiff.metrics import psnr, ssim
 from tendiff.unet import UNet, preset, unet_from_dense
 
@@ -218,6 +220,22 @@ def test_merge_keeps_other_datasets_with_their_commands(tiny_world, capsys):
     assert table[0].startswith("| dataset | purifier | clean | Gaussian |")
     assert [row.split(" | ")[:2] for row in table[2:]] == [["| mnist", "none"], ["| mnist", "dense"],
                                                            ["| cifar10", "none"], ["| cifar10", "dense"]]
+
+
+def test_side_by_side_evaluations_merge_one_at_a_time(tiny_world):
+    out = tiny_world / "results"
+    evaluate_main(["--dataset", "mnist", "--n", "4", "--seeds", "1", "--t-star", "10", "--steps", "1", "--corruptions",
+                   "none", "--purifiers", "none", "--no-timing", "--out", str(out)])
+    (cifar,) = json.loads((out / "results.json").read_text())["results"]
+    cifar["config"]["dataset"] = "cifar10"
+    written = threading.Event()
+    with results_lock(out):  # another evaluation is writing its results
+        writer = threading.Thread(target=lambda: (save_results([cifar], out, "cifar10 run", merge=True), written.set()))
+        writer.start()
+        assert not written.wait(0.5)  # waits for it, then merges with what it wrote
+    writer.join(30)
+    merged = json.loads((out / "results.json").read_text())["results"]
+    assert written.is_set() and [r["config"]["dataset"] for r in merged] == ["mnist", "cifar10"]
 
 
 def test_add_rows_extends_a_dataset_and_refuses_other_settings(tiny_world, capsys):
