@@ -4,7 +4,6 @@
 # chunks are cached in campaign/attacks (keyed by the weights, settings and attacks.ATTACK_VERSION),
 # so a stopped group keeps its finished attacks. The chunk names do not depend on --corruptions or --out:
 # a group's attacks can be crafted ahead with the same settings, --corruptions exact adaptive, --out /tmp/x.
-# Two groups may run side by side (one thread each): they merge into docs/results.json one at a time.
 #   OMP_NUM_THREADS=1 nice -n 5 nohup bash campaign/results.sh mnist A >> campaign/results_mnist.out 2>&1 &
 # Done: fashion_mnist A (2026-12-07, attack columns with attack version 1).
 set -e
