@@ -52,6 +52,8 @@ def test_metrics():
     assert torch.allclose(psnr(y, x).double(), torch.tensor(sk, dtype=torch.double), atol=1e-4)
     lo, hi = wilson_interval(90, 100)
     assert lo < 0.9 < hi and 0.82 < lo and hi < 0.95
+    # Every interval holds its proportion, at 0 and 1 too (a bound a rounding error past it broke the figures).
+    assert all(wilson_interval(k, n)[0] <= k / n <= wilson_interval(k, n)[1] for n in range(1, 2001) for k in (0, n))
 
 
 def test_evaluation_end_to_end(tiny_world, capsys):
