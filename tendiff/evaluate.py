@@ -911,7 +911,11 @@ def save_results(results: list[dict], out_dir: Path, command: str, merge: bool =
 def write_outputs(results: list[dict], out_dir: Path, command: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for res in results:
-        res["figures"] = figures(res, out_dir)
+        try:
+            res["figures"] = figures(res, out_dir)
+        except Exception as exc:  # a plot must never cost the hours of measurements behind it
+            print(f"[{res['config']['dataset']}] figures not drawn: {exc!r}", file=sys.stderr)
+            res["figures"] = []
     (out_dir / "results.json").write_text(json.dumps({"command": command, "results": results}, indent=1))
     with open(out_dir / "results.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -240,6 +240,18 @@ def test_side_by_side_evaluations_merge_one_at_a_time(tiny_world):
     assert written.is_set() and [r["config"]["dataset"] for r in merged] == ["mnist", "cifar10"]
 
 
+def test_results_are_written_when_a_figure_fails(tiny_world, monkeypatch, capsys):
+    def broken(*_):
+        raise ValueError("xerr must not contain negative values")
+    monkeypatch.setattr("tendiff.evaluate.figures", broken)
+    out = tiny_world / "results"
+    evaluate_main(["--dataset", "mnist", "--n", "4", "--seeds", "1", "--t-star", "10", "--steps", "1", "--corruptions",
+                   "none", "--purifiers", "none", "dense", "--no-timing", "--out", str(out)])
+    (res,) = json.loads((out / "results.json").read_text())["results"]
+    assert res["figures"] == [] and {c["purifier"] for c in res["cells"]} == {"none", "dense"}
+    assert "figures not drawn: ValueError" in capsys.readouterr().err
+
+
 def test_add_rows_extends_a_dataset_and_refuses_other_settings(tiny_world, capsys):
     out = tiny_world / "results"
     args = ["--dataset", "mnist", "--n", "4", "--seeds", "1", "--t-star", "10", "--steps", "1", "--corruptions", "none",
