@@ -5,7 +5,7 @@
 # so a stopped group keeps its finished attacks. The chunk names do not depend on --corruptions or --out:
 # a group's attacks can be crafted ahead with the same settings, --corruptions exact adaptive, --out /tmp/x.
 #   OMP_NUM_THREADS=1 nice -n 5 nohup bash campaign/results.sh mnist A >> campaign/results_mnist.out 2>&1 &
-# Done so far: campaign/README.md. Two groups may run side by side (one thread each).
+# Groups done so far, and running two side by side: campaign/README.md.
 set -e
 ds=${1:?dataset: mnist fashion_mnist}
 common="--dataset $ds --corruptions none gaussian salt_pepper pgd_linf autoattack_l2 adaptive exact --n 200 --n-attack 100 --seeds 10 --no-timing --attack-chunk 25 --attack-cache campaign/attacks --out docs --merge"

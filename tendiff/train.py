@@ -247,7 +247,7 @@ class Trainer:
                         if cfg.distill_from else None)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.peak_lr,
                                      weight_decay=0.0 if cfg.what == "purifier" else 5e-4)
-        self.step, self.elapsed, self.resumed_at = 0, 0.0, None
+        self.step, self.elapsed = 0, 0.0
         self.segments: list[tuple[int, str]] = [(0, machine())]  # (first step, hardware) of each resumed part
         self.curve: list[tuple[int, float]] = []  # (step, held-out eps-MSE of the EMA weights)
         self.schedule = "constant" if cfg.until_converged else "cosine"
@@ -281,7 +281,6 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.step, self.elapsed = state["step"], state["elapsed"]
         self.curve = [(int(a), float(b)) for a, b in state.get("curve", [])]
-        self.resumed_at = self.step
         # (states saved before segments were recorded did not say what ran their first part)
         earlier = [(int(a), str(b)) for a, b in state.get("segments", [(0, "not recorded")])]
         self.segments = [*earlier, (self.step, machine())]
@@ -413,7 +412,8 @@ class Trainer:
             "t_max": cfg.t_max if cfg.what == "purifier" else None,
             "init_from": Path(cfg.init_from).name if cfg.init_from else None,
             "distill_from": Path(cfg.distill_from).name if cfg.distill_from else None,
-            "resumed_at_step": self.resumed_at,  # the command continued a run saved in --run-dir at this step
+            # (this command continued a run saved in --run-dir at this step)
+            "resumed_at_step": self.segments[-1][0] if len(self.segments) > 1 else None,
             "train_metrics": metrics,
             "schedule": self.schedule,
             "converged": converged(self.curve, cfg.converge_tol, cfg.min_steps) if cfg.until_converged else None,
