@@ -823,16 +823,16 @@ def swept(dataset: str) -> tuple[dict, ...]:
     return tuple(r for r in rows if r["dataset"] == dataset and r.get("method", "ddim") == DEFAULT_METHOD)
 
 
-def _measured_cells(dataset: str, corruption: str, variant: str | None = None, prefilter: str | None = None
-                    ) -> tuple[list[dict], list[dict], dict | None]:
+def _measured_cells(dataset: str, corruption: str, variant: str | None = None, prefilter: str | None = None,
+                    runs: tuple[dict, ...] | None = None) -> tuple[list[dict], list[dict], dict | None]:
     """(diffusion points, lines for no purifier and classical filters, the evaluation's config) of
-    one corruption; each purifier from the first file that measured it (``variant``, e.g.
-    "/adaptive-t", and hybrids with the classical step ``prefilter``: their rows too). A point says
-    whether it was measured with the weights now committed (``current``: True, False, or None when
-    unknown)."""
+    one corruption; each purifier from the first evaluation that measured it (of ``runs``, default
+    :func:`measured`; ``run``: its index there; ``variant``, e.g. "/adaptive-t", and hybrids with
+    the classical step ``prefilter``: their rows too). A point says whether it was measured with the
+    weights now committed (``current``: True, False, or None when unknown)."""
     points, lines, seen, config = [], [], set(), None
     shas = {name: e.get("sha256") for name, e in studio.manifest_entries().items()}
-    for res in measured(dataset):
+    for run, res in enumerate(measured(dataset) if runs is None else runs):
         costs = {c["purifier"]: c for c in res["costs"]}
         for cell in res["cells"]:
             name = cell["purifier"]
@@ -844,7 +844,7 @@ def _measured_cells(dataset: str, corruption: str, variant: str | None = None, p
             config = config or {**res["config"], "date": res.get("date", "?")}
             cost = costs.get(name, {})
             entry = {"name": name, "accuracy": cell["accuracy"], "ci95": cell["ci95"], "n": cell["n"],
-                     "date": res.get("date", "?"),
+                     "date": res.get("date", "?"), "run": run,
                      # (no weights of its own: only the classifier's, which the campaign does not retrain)
                      "current": True if not cost.get("parameters") else
                      (cost["sha256"] == shas.get(cost["file"])) if "sha256" in cost else None}
@@ -864,7 +864,8 @@ def evidence_text(dataset: str, corruption: str, model: str, adaptive: bool = Fa
                   ) -> str:
     """One line: what the committed evaluation measured for this purifier and corruption (with
     the adaptive t*: its ``<model>/adaptive-t`` row; after a classical step: ``<step>+<model>``)."""
-    points, lines, config = _measured_cells(dataset, corruption, "/adaptive-t" if adaptive else None, prefilter)
+    variant = "/adaptive-t" if adaptive else None
+    points, lines, _ = _measured_cells(dataset, corruption, variant, prefilter)
     model = f"{prefilter}+{model}" if prefilter else model
     rows = {r["name"]: r for r in points + lines}
     unmeasured = ""
@@ -877,14 +878,16 @@ def evidence_text(dataset: str, corruption: str, model: str, adaptive: bool = Fa
         return (f"No committed measurement of {model} on {CORRUPTIONS[corruption].short} for "
                 f"{DATASET_TITLES[dataset]} yet (docs/results.md).")
     mine = rows[model]
-    best = _best_classical(lines)
+    # (its comparisons from the same evaluation: the same images, runs and noise draws)
+    _, lines, config = _measured_cells(dataset, corruption, variant, prefilter, runs=(measured(dataset)[mine["run"]],))
+    same, best = {r["name"]: r for r in lines}, _best_classical(lines)
     strength = config.get("strength", {}).get(corruption)
     fresh = {True: "", None: f" (measured {mine['date']}, possibly with earlier weights)",
              False: f" (measured {mine['date']} with earlier weights: re-run tendiff.evaluate)"}[mine["current"]]
     at = f" ({CORRUPTIONS[corruption].short} at {strength:g})" if strength else ""
     return (f"**On {mine['n']} test images**{at}: **{model} "
             f"{100 * mine['accuracy']:.1f}%** (95% CI {100 * mine['ci95'][0]:.1f}–{100 * mine['ci95'][1]:.1f})"
-            + (f" · no purifier {100 * rows['none']['accuracy']:.1f}%" if "none" in rows else "")
+            + (f" · no purifier {100 * same['none']['accuracy']:.1f}%" if "none" in same else "")
             + (f" · best classical {best['name']} {100 * best['accuracy']:.1f}%" if best else "") + fresh
             + unmeasured + ". Details: Compare tab, docs/results.md.")
 

@@ -317,6 +317,22 @@ def test_the_measured_line_follows_the_t_star_mode():
     assert "**median3 " in app.evidence_text("fashion_mnist", "gaussian", "median3", adaptive=True)
 
 
+def test_the_measured_line_compares_within_the_evaluation_that_measured_the_purifier(monkeypatch):
+    import app
+
+    def run(n, cells, costs=()):
+        return {"config": {"dataset": "mnist", "n": n, "strength": {"gaussian": 0.2}}, "date": "today",
+                "costs": [{"purifier": c, "parameters": 10} for c in costs],
+                "cells": [{"corruption": "gaussian", "purifier": p, "accuracy": a, "ci95": [a - 0.02, a + 0.02], "n": n}
+                          for p, a in cells.items()]}
+    big = run(1000, {"none": 0.30, "dense": 0.90, "median3": 0.80}, costs=["dense"])
+    small = run(200, {"none": 0.20, "tucker": 0.70, "median3": 0.75})  # other images: other numbers
+    monkeypatch.setattr(app, "measured", lambda dataset: (big, small))
+    line = app.evidence_text("mnist", "gaussian", "tucker")
+    assert "On 200 test images" in line and "no purifier 20.0%" in line and "best classical median3 75.0%" in line
+    assert "no purifier 30.0%" in app.evidence_text("mnist", "gaussian", "dense")
+
+
 def test_the_measured_line_names_the_hybrid_chosen():
     import app
     line = app.evidence_text("fashion_mnist", "salt_pepper", "dense", adaptive=True, prefilter="median3")
